@@ -1,0 +1,149 @@
+"""The one config object that carries every knob of an increc deployment.
+
+Defaults serve the bundled demo (MovieTweetings 100K cut into 10 spans) on a
+2-core machine. Paths are resolved against the work directory, and nothing is
+written outside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import multiprocessing
+import os
+from typing import Any, Dict, List, Optional
+
+MODES = ("incremental", "full")
+
+
+@dataclasses.dataclass
+class IncrecConfig:
+    data_dir: str
+    work_dir: str
+    model_name: str = "increc"
+    mode: str = "incremental"
+
+    # Ingestion (Beam ExampleGen)
+    bad_row_budget: float = 0.001  # fraction of a span's rows that may be dropped as malformed
+    eval_fraction: float = 0.1  # the last fraction of a span, by time, is its eval split
+
+    # Model and training
+    embedding_dim: int = 32
+    side_embedding_dim: int = 8
+    oov_buckets: int = 16
+    cross_layers: int = 2
+    deep_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32])
+    learning_rate: float = 0.01
+    optimizer: str = "adam"
+    batch_size: int = 256
+    epochs: int = 2
+    replay_fraction: float = 0.2  # replay sample size, as a fraction of span N's training rows
+    replay_capacity: int = 50_000  # reservoir size (examples kept from earlier spans)
+    seed: int = 7
+
+    # Gates
+    auc_tolerance: float = 0.002  # candidate AUC may be this much below the serving model's
+    rollback_tolerance: float = 0.005  # live AUC drop versus the previous version that rolls back
+    keep_versions: int = 5  # version directories kept on disk
+
+    # Serving
+    serving_address: str = "127.0.0.1:8500"
+    force_push: bool = False  # push even when not blessed (operators and tests)
+
+    # Fault injection for tests of the gates: train on flipped labels.
+    flip_train_labels: bool = False
+
+    # Beam: direct runner over the machine's cores by default; any Beam
+    # pipeline args (Dataflow, Flink, Spark) can replace these.
+    beam_args: Optional[List[str]] = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 <= self.bad_row_budget < 1:
+            raise ValueError("bad_row_budget must be a fraction in [0, 1)")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError("eval_fraction must be in (0, 1)")
+        if self.replay_fraction < 0:
+            raise ValueError("replay_fraction must be >= 0")
+        self.data_dir = os.path.abspath(self.data_dir)
+        self.work_dir = os.path.abspath(self.work_dir)
+
+    # --- the work directory layout (DESIGN.md) ---
+    @property
+    def pipeline_root(self) -> str:
+        return os.path.join(self.work_dir, "pipeline")
+
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.work_dir, "metadata.sqlite")
+
+    @property
+    def serving_dir(self) -> str:
+        return os.path.join(self.work_dir, "serving")
+
+    @property
+    def model_base_path(self) -> str:
+        return os.path.join(self.serving_dir, self.model_name)
+
+    @property
+    def models_config_path(self) -> str:
+        return os.path.join(self.serving_dir, "models.config")
+
+    @property
+    def tensorboard_dir(self) -> str:
+        return os.path.join(self.work_dir, "tensorboard")
+
+    @property
+    def history_path(self) -> str:
+        return os.path.join(self.work_dir, "history.jsonl")
+
+    @property
+    def schema_dir(self) -> str:
+        return os.path.join(self.work_dir, "schema")
+
+    @property
+    def schema_path(self) -> str:
+        return os.path.join(self.schema_dir, "schema.pbtxt")
+
+    @property
+    def vocab_dir(self) -> str:
+        return os.path.join(self.work_dir, "vocab")
+
+    @property
+    def replay_dir(self) -> str:
+        return os.path.join(self.work_dir, "replay")
+
+    def pipeline_name(self) -> str:
+        return f"increc-{self.model_name}"
+
+    def resolved_beam_args(self) -> List[str]:
+        if self.beam_args is not None:
+            return list(self.beam_args)
+        workers = max(1, multiprocessing.cpu_count())
+        if workers == 1:
+            return ["--direct_running_mode=in_memory"]
+        return ["--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+
+    def trainer_config(self) -> Dict[str, Any]:
+        """The knobs that run_fn reads (passed as Trainer custom_config)."""
+        return {
+            "embedding_dim": self.embedding_dim,
+            "side_embedding_dim": self.side_embedding_dim,
+            "oov_buckets": self.oov_buckets,
+            "cross_layers": self.cross_layers,
+            "deep_layers": list(self.deep_layers),
+            "learning_rate": self.learning_rate,
+            "optimizer": self.optimizer,
+            "batch_size": self.batch_size,
+            "epochs": self.epochs,
+            "mode": self.mode,
+            "replay_fraction": self.replay_fraction,
+            "replay_capacity": self.replay_capacity,
+            "replay_dir": self.replay_dir,
+            "tensorboard_dir": self.tensorboard_dir,
+            "seed": self.seed,
+            "flip_train_labels": self.flip_train_labels,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

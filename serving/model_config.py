@@ -1,0 +1,111 @@
+"""The `models.config` file (text ModelServerConfig) that TF Serving reads.
+
+increc keeps one model per work directory with a `specific` version policy
+holding the current (`stable`) and the retained (`previous`) version. The file
+is the source of truth for what should serve: the pusher, rollback and both
+servers (embedded and real) read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Dict, List, Optional
+
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+STABLE = "stable"
+PREVIOUS = "previous"
+CANARY = "canary"
+
+
+@dataclasses.dataclass
+class Deployment:
+    """What one model's config entry says should serve."""
+
+    model_name: str
+    base_path: str
+    versions: List[int]
+    labels: Dict[str, int]
+
+    @property
+    def stable(self) -> Optional[int]:
+        return self.labels.get(STABLE)
+
+    @property
+    def previous(self) -> Optional[int]:
+        return self.labels.get(PREVIOUS)
+
+
+def version_dirs(base_path: str) -> List[int]:
+    """Numeric version directories under base_path, ascending (as TF Serving sees them)."""
+    if not os.path.isdir(base_path):
+        return []
+    out = []
+    for name in os.listdir(base_path):
+        if name.isdigit() and os.path.isdir(os.path.join(base_path, name)):
+            out.append(int(name))
+    return sorted(out)
+
+
+def read_config(path: str) -> model_server_config_pb2.ModelServerConfig:
+    config = model_server_config_pb2.ModelServerConfig()
+    with open(path, "r", encoding="utf-8") as f:
+        text = f.read()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        raise ValueError(f"{path}: not a text ModelServerConfig: {e}") from e
+    return config
+
+
+def write_config(path: str, config: model_server_config_pb2.ModelServerConfig) -> None:
+    """Write atomically so a polling server never reads half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".models.config.", dir=directory)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text_format.MessageToString(config))
+    os.replace(tmp, path)
+
+
+def build_config(deployment: Deployment) -> model_server_config_pb2.ModelServerConfig:
+    config = model_server_config_pb2.ModelServerConfig()
+    entry = config.model_config_list.config.add()
+    entry.name = deployment.model_name
+    entry.base_path = os.path.abspath(deployment.base_path)
+    entry.model_platform = "tensorflow"
+    entry.model_version_policy.specific.versions.extend(sorted(set(deployment.versions), reverse=True))
+    for label, version in sorted(deployment.labels.items()):
+        entry.version_labels[label] = version
+    return config
+
+
+def read_deployment(path: str, model_name: str) -> Optional[Deployment]:
+    """The entry for model_name in the config at path, or None when there is none yet."""
+    if not os.path.exists(path):
+        return None
+    config = read_config(path)
+    for entry in config.model_config_list.config:
+        if entry.name == model_name:
+            policy = entry.model_version_policy
+            versions = list(policy.specific.versions) if policy.HasField("specific") else []
+            return Deployment(
+                model_name=entry.name,
+                base_path=entry.base_path,
+                versions=sorted(versions, reverse=True),
+                labels=dict(entry.version_labels),
+            )
+    return None
+
+
+def promote(path: str, model_name: str, base_path: str, new_version: int) -> Deployment:
+    """Make new_version `stable` and the old stable `previous`; write and return the result."""
+    current = read_deployment(path, model_name)
+    labels = {STABLE: new_version}
+    if current is not None and current.stable is not None and current.stable != new_version:
+        labels[PREVIOUS] = current.stable
+    deployment = Deployment(model_name, base_path, versions=sorted(set(labels.values()), reverse=True), labels=labels)
+    write_config(path, build_config(deployment))
+    return deployment
