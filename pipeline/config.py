@@ -42,6 +42,7 @@ class IncrecConfig:
 
     # Gates
     auc_tolerance: float = 0.002  # candidate AUC may be this much below the serving model's
+    min_auc: float = 0.5  # no candidate worse than chance is blessed, baseline or not
     rollback_tolerance: float = 0.005  # live AUC drop versus the previous version that rolls back
     keep_versions: int = 5  # version directories kept on disk
 

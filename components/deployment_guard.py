@@ -1,0 +1,133 @@
+"""DeploymentGuard: the step between data validation and training.
+
+1. Stops the run when ExampleValidator found anomalies in span N: nothing is
+   trained or pushed, and the error names every anomaly.
+2. Measures, on span N (fresh data neither model has seen), the AUC of the
+   version serving now (`stable`) and of the retained `previous` version.
+   This live AUC is the honest, prequential quality of the system.
+3. Hands the model serving now to Trainer (warm start) and Evaluator
+   (baseline) as a Model artifact, so both follow what really serves rather
+   than the newest blessed model.
+"""
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+from tensorflow_metadata.proto.v0 import anomalies_pb2
+from tfx import types
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
+from tfx.types import artifact_utils, standard_artifacts
+from tfx.utils import io_utils
+
+from models import features as F
+from models.metrics import auc
+from serving import model_config
+
+SCORE_BATCH = 2048
+REPORT_FILE = "live_evaluation.json"
+
+
+class LiveEvaluation(types.Artifact):
+    """AUC of the deployed versions on a span they have not seen."""
+
+    TYPE_NAME = "IncrecLiveEvaluation"
+
+
+class DataAnomaliesError(RuntimeError):
+    """Span N broke the curated schema; the run stops before training."""
+
+
+def anomaly_messages(anomalies: types.Artifact) -> List[str]:
+    """Readable lines for every anomaly ExampleValidator recorded, by split."""
+    lines = []
+    for split in artifact_utils.decode_split_names(anomalies.split_names):
+        path = os.path.join(anomalies.uri, f"Split-{split}", "SchemaDiff.pb")
+        if not tf.io.gfile.exists(path):
+            continue
+        result = anomalies_pb2.Anomalies.FromString(io_utils.read_bytes_file(path))
+        for feature, info in sorted(result.anomaly_info.items()):
+            reasons = "; ".join(r.description or r.short_description for r in info.reason)
+            lines.append(f"split {split}, column '{feature}': {info.short_description}: {reasons or info.description}")
+        if result.HasField("dataset_anomaly_info"):
+            info = result.dataset_anomaly_info
+            lines.append(f"split {split}, dataset: {info.short_description}: {info.description}")
+    return lines
+
+
+def read_examples(examples: types.Artifact) -> List[bytes]:
+    records = []
+    for split in artifact_utils.decode_split_names(examples.split_names):
+        files = tf.io.gfile.glob(os.path.join(artifact_utils.get_split_uri([examples], split), "*"))
+        records += [r.numpy() for r in tf.data.TFRecordDataset(sorted(files), compression_type="GZIP")]
+    return records
+
+
+def labels_of(records: List[bytes]) -> np.ndarray:
+    return np.array([tf.train.Example.FromString(r).features.feature[F.LABEL].int64_list.value[0]
+                     for r in records], dtype=np.int64)
+
+
+def score_saved_model(saved_model_dir: str, records: List[bytes]) -> np.ndarray:
+    """Click probabilities of a SavedModel's `regress` signature for serialized tf.Examples."""
+    regress = tf.saved_model.load(saved_model_dir).signatures["regress"]
+    scores = [regress(inputs=tf.constant(records[i:i + SCORE_BATCH]))["outputs"].numpy()
+              for i in range(0, len(records), SCORE_BATCH)]
+    return np.concatenate(scores) if scores else np.zeros([0])
+
+
+def version_dir(base_path: str, version: Optional[int]) -> Optional[str]:
+    if version is None:
+        return None
+    path = os.path.join(base_path, str(version))
+    return path if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")) else None
+
+
+def live_aucs(deployment: model_config.Deployment, records: List[bytes]) -> Dict[str, Optional[float]]:
+    labels = labels_of(records)
+    out = {}
+    for name, version in (("live_auc", deployment.stable), ("previous_auc", deployment.previous)):
+        path = version_dir(deployment.base_path, version)
+        out[name] = auc(labels, score_saved_model(path, records)) if path else None
+    return out
+
+
+@component
+def DeploymentGuard(
+    examples: InputArtifact[standard_artifacts.Examples],
+    anomalies: InputArtifact[standard_artifacts.ExampleAnomalies],
+    serving_model: OutputArtifact[standard_artifacts.Model],
+    live_evaluation: OutputArtifact[LiveEvaluation],
+    models_config_path: Parameter[str],
+    model_name: Parameter[str],
+) -> None:
+    problems = anomaly_messages(anomalies)
+    span = examples.get_int_custom_property("span")
+    if problems:
+        raise DataAnomaliesError(
+            f"span {span} does not match the schema; nothing was trained or pushed:\n  " + "\n  ".join(problems))
+
+    deployment = model_config.read_deployment(models_config_path, model_name)
+    report = {"span": span, "serving_version": None, "previous_version": None,
+              "live_auc": None, "previous_auc": None, "examples": 0}
+    if deployment is not None and deployment.stable is not None:
+        records = read_examples(examples)
+        report.update(live_aucs(deployment, records))
+        report.update(serving_version=deployment.stable, previous_version=deployment.previous,
+                      examples=len(records))
+        stable_dir = version_dir(deployment.base_path, deployment.stable)
+        if stable_dir:
+            io_utils.copy_dir(stable_dir, os.path.join(serving_model.uri, "Format-Serving"))
+
+    for key, value in report.items():
+        if value is None:
+            continue
+        if isinstance(value, float):
+            live_evaluation.set_float_custom_property(key, value)
+        else:
+            live_evaluation.set_int_custom_property(key, int(value))
+    with tf.io.gfile.GFile(os.path.join(live_evaluation.uri, REPORT_FILE), "w") as f:
+        json.dump(report, f, indent=2)

@@ -1,0 +1,109 @@
+"""The TFRS ranking model: id embeddings + side features, a DCN-v2 cross stack beside a deep tower.
+
+Inputs are Transform's outputs: `<id>_index` (int64 [batch]), `<cat>_index`
+(sparse int64 [batch, n], averaged as an embedding bag) and `<num>_z`
+(float [batch, 1]). The model returns logits; serving applies the sigmoid.
+Every layer has a fixed name: warm start matches weights by those names.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List
+
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from models import features as F
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    vocab_rows: Dict[str, int]  # rows of each embedding table: oov buckets + vocabulary size
+    categorical: List[str]
+    numeric: List[str]
+    embedding_dim: int = 32
+    side_embedding_dim: int = 8
+    cross_layers: int = 2
+    deep_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32])
+
+
+class EmbeddingBag(tf.keras.layers.Layer):
+    """Mean of the embeddings of a sparse set of indices; zeros for an empty set."""
+
+    def __init__(self, rows: int, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.rows, self.dim = rows, dim
+
+    def build(self, input_shape):
+        self.embeddings = self.add_weight(
+            name="embeddings", shape=(self.rows, self.dim),
+            initializer=tf.keras.initializers.RandomUniform(-0.05, 0.05))
+        super().build(input_shape)
+
+    def call(self, ids: tf.SparseTensor):
+        return tf.nn.safe_embedding_lookup_sparse(self.embeddings, ids, combiner="mean")
+
+
+class RankingModel(tfrs.models.Model):
+    def __init__(self, spec: ModelSpec):
+        super().__init__(name="ranking_model")
+        self.spec = spec
+        self.id_embeddings = {
+            f: tf.keras.layers.Embedding(spec.vocab_rows[f], spec.embedding_dim, name=f"{f}_embedding")
+            for f in F.ID_FEATURES
+        }
+        self.side_embeddings = {
+            f: EmbeddingBag(spec.vocab_rows[f], spec.side_embedding_dim, name=f"{f}_embedding")
+            for f in spec.categorical
+        }
+        self.cross = [tfrs.layers.dcn.Cross(name=f"cross_{i}") for i in range(spec.cross_layers)]
+        self.deep = [tf.keras.layers.Dense(units, activation="relu", name=f"deep_{i}")
+                     for i, units in enumerate(spec.deep_layers)]
+        self.head = tf.keras.layers.Dense(1, name="head")
+        self.task = tfrs.tasks.Ranking(
+            loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.AUC(name="auc", from_logits=True)],
+        )
+
+    def named_layers(self) -> List[tf.keras.layers.Layer]:
+        return (list(self.id_embeddings.values()) + list(self.side_embeddings.values())
+                + self.cross + self.deep + [self.head])
+
+    def call(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
+        parts = [self.id_embeddings[f](features[F.index_name(f)]) for f in F.ID_FEATURES]
+        parts += [self.side_embeddings[f](features[F.index_name(f)]) for f in self.spec.categorical]
+        parts += [tf.cast(features[F.numeric_name(f)], tf.float32) for f in self.spec.numeric]
+        x0 = tf.concat(parts, axis=1)
+        crossed = x0
+        for layer in self.cross:
+            crossed = layer(x0, crossed)
+        deep = x0
+        for layer in self.deep:
+            deep = layer(deep)
+        return tf.squeeze(self.head(tf.concat([crossed, deep], axis=1)), axis=1)
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        features, labels = inputs
+        logits = self(features, training=training)
+        return self.task(labels=tf.cast(labels, tf.float32), predictions=logits)
+
+
+def build(spec: ModelSpec, learning_rate: float, optimizer: str = "adam") -> RankingModel:
+    model = RankingModel(spec)
+    optimizers = {
+        "adam": tf.keras.optimizers.Adam,
+        "adagrad": tf.keras.optimizers.Adagrad,
+    }
+    if optimizer not in optimizers:
+        raise ValueError(f"optimizer must be one of {sorted(optimizers)}, got {optimizer!r}")
+    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate))
+    return model
+
+
+def weights_by_name(model: RankingModel) -> Dict[str, tf.Variable]:
+    """Stable names for every trainable weight: '<layer>/<index>'."""
+    out = {}
+    for layer in model.named_layers():
+        for i, weight in enumerate(layer.weights):
+            out[f"{layer.name}.{i}"] = weight
+    return out

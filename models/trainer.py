@@ -1,0 +1,132 @@
+"""run_fn for the TFX Trainer: warm start from the serving model, train on span N + replay, export.
+
+Transform runs with materialize=False: the Trainer reads raw tf.Examples and
+applies the Transform layer itself, which lets replayed examples of older
+spans go through the current vocabularies exactly like new ones.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import List
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_transform as tft  # noqa: E402
+from tfx.components.trainer.fn_args_utils import FnArgs  # noqa: E402
+from tfx.utils import io_utils  # noqa: E402
+from tensorflow_metadata.proto.v0 import schema_pb2  # noqa: E402
+
+from models import export, features as F, ranking_model, replay, warm_start  # noqa: E402
+from models.preprocessing import vocabulary_assets  # noqa: E402
+
+SUMMARY_FILE = "training_summary.json"
+
+
+def read_examples(patterns: List[str]) -> List[bytes]:
+    files = sorted(f for p in patterns for f in tf.io.gfile.glob(p))
+    if not files:
+        return []
+    return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+
+
+def model_spec(schema_path: str, transform_output_dir: str, config) -> ranking_model.ModelSpec:
+    schema = io_utils.parse_pbtxt_file(schema_path, schema_pb2.Schema())
+    categorical, numeric = F.split_columns(schema)
+    oov = int(config["oov_buckets"])
+    rows = {}
+    for feature, path in vocabulary_assets(transform_output_dir).items():
+        with tf.io.gfile.GFile(path, "rb") as f:
+            rows[feature] = oov + len(f.read().splitlines())
+    missing = [f for f in list(F.ID_FEATURES) + categorical if f not in rows]
+    if missing:
+        raise ValueError(f"Transform output has no vocabulary for {missing}")
+    return ranking_model.ModelSpec(
+        vocab_rows=rows, categorical=categorical, numeric=numeric,
+        embedding_dim=int(config["embedding_dim"]), side_embedding_dim=int(config["side_embedding_dim"]),
+        cross_layers=int(config["cross_layers"]), deep_layers=list(config["deep_layers"]))
+
+
+def make_dataset(examples: List[bytes], tft_layer, raw_spec, batch_size: int, shuffle_seed=None,
+                 flip_labels: bool = False) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(examples, dtype=tf.string))
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(examples), seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def transform(serialized):
+        transformed = tft_layer(tf.io.parse_example(serialized, raw_spec))
+        label = transformed.pop(F.LABEL)
+        if flip_labels:
+            label = 1 - label
+        return transformed, label
+
+    return ds.batch(batch_size).map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+
+
+def run_fn(fn_args: FnArgs) -> None:
+    config = fn_args.custom_config
+    started = time.time()
+    tf.keras.utils.set_random_seed(int(config["seed"]))
+    tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
+    raw_spec = tf_transform_output.raw_feature_spec()
+    tft_layer = tf_transform_output.transform_features_layer()
+    spec = model_spec(fn_args.schema_path, fn_args.transform_output, config)
+
+    train = read_examples(fn_args.train_files)
+    evaluation = read_examples(fn_args.eval_files)
+    if not train:
+        raise ValueError(f"no training examples in {fn_args.train_files}")
+
+    reservoir = None
+    replayed: List[bytes] = []
+    if config["mode"] == "incremental" and float(config["replay_fraction"]) > 0:
+        reservoir = replay.Reservoir(config["replay_dir"], int(config["replay_capacity"]), int(config["seed"]))
+        replayed = reservoir.sample(round(float(config["replay_fraction"]) * len(train)), seed=len(reservoir) + len(train))
+
+    model = ranking_model.build(spec, float(config["learning_rate"]), config["optimizer"])
+    model(next(iter(make_dataset(train[:2], tft_layer, raw_spec, 2)))[0])  # create the weights
+
+    base = fn_args.base_model if config["mode"] == "incremental" else None
+    warm_report = {}
+    if base and warm_start.has_saved_model(base):
+        warm_report = warm_start.copy_into(ranking_model.weights_by_name(model), warm_start.load_weights(base))
+        logging.info("warm start from %s: %s", base, warm_report)
+    elif base:
+        logging.info("no serving model at %s: training from scratch", base)
+
+    run_name = f"span-{config['span']}" if config.get("span") is not None else os.path.basename(fn_args.model_run_dir)
+    log_dir = os.path.join(config["tensorboard_dir"], "train", f"{run_name}-{int(started)}")
+    train_ds = make_dataset(train + replayed, tft_layer, raw_spec, int(config["batch_size"]),
+                            shuffle_seed=int(config["seed"]), flip_labels=bool(config.get("flip_train_labels")))
+    eval_ds = make_dataset(evaluation, tft_layer, raw_spec, 1024) if evaluation else None
+    fit_started = time.time()
+    history = model.fit(train_ds, validation_data=eval_ds, epochs=int(config["epochs"]), verbose=0,
+                        callbacks=[tf.keras.callbacks.TensorBoard(log_dir=log_dir, update_freq="epoch")])
+    train_seconds = time.time() - fit_started
+
+    categorical, numeric = spec.categorical, spec.numeric
+    module = export.ExportModule(model, tft_layer, raw_spec, categorical, numeric)
+    tf.saved_model.save(module, fn_args.serving_model_dir, signatures=module.signatures())
+    export.write_warmup(fn_args.serving_model_dir, evaluation or train, categorical, numeric)
+
+    if reservoir is not None or config["mode"] == "incremental":
+        reservoir = reservoir or replay.Reservoir(config["replay_dir"], int(config["replay_capacity"]), int(config["seed"]))
+        reservoir.absorb(";".join(sorted(fn_args.train_files)), train)
+
+    summary = {
+        "examples_trained": len(train) + len(replayed),
+        "span_examples": len(train),
+        "replayed_examples": len(replayed),
+        "train_seconds": train_seconds,
+        "warm_started_from": base if warm_report else None,
+        "warm_start": warm_report,
+        "vocab_rows": spec.vocab_rows,
+        "final_metrics": {k: float(v[-1]) for k, v in history.history.items()},
+        "tensorboard_run": log_dir,
+    }
+    with tf.io.gfile.GFile(os.path.join(os.path.dirname(fn_args.serving_model_dir), SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))

@@ -1,0 +1,140 @@
+"""What one pipeline run measured and decided, read back from MLMD and the artifacts.
+
+Artifacts are found through the run's `pipeline_run` context; an artifact's
+URI is `<pipeline_root>/<node_id>/<output_key>/<execution_id>`, which tells
+which component produced it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+from ml_metadata import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+
+from pipeline.config import IncrecConfig
+
+OVERALL = ()
+
+
+def _store(config: IncrecConfig) -> metadata_store.MetadataStore:
+    connection = metadata_store_pb2.ConnectionConfig()
+    connection.sqlite.filename_uri = config.metadata_path
+    connection.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+    return metadata_store.MetadataStore(connection)
+
+
+def _custom(artifact, key: str):
+    if artifact is None or key not in artifact.custom_properties:
+        return None
+    value = artifact.custom_properties[key]
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def run_artifacts(config: IncrecConfig, started: float) -> Dict[Tuple[str, str], Any]:
+    """{(node_id, output_key): newest LIVE artifact} of the newest run that began after `started`."""
+    if not os.path.exists(config.metadata_path):
+        return {}
+    store = _store(config)
+    runs = [c for c in store.get_contexts_by_type("pipeline_run")
+            if c.create_time_since_epoch >= int(started * 1000) - 1000]
+    if not runs:
+        return {}
+    run = max(runs, key=lambda c: c.create_time_since_epoch)
+    found: Dict[Tuple[str, str], Any] = {}
+    root = config.pipeline_root.rstrip("/") + "/"
+    for artifact in store.get_artifacts_by_context(run.id):
+        if artifact.state != metadata_store_pb2.Artifact.LIVE or not artifact.uri.startswith(root):
+            continue
+        parts = artifact.uri[len(root):].split("/")
+        if len(parts) < 3:
+            continue
+        key = (parts[0], parts[1])
+        if key not in found or artifact.id > found[key].id:
+            found[key] = artifact
+    return found
+
+
+def evaluator_aucs(evaluation_uri: str) -> Tuple[Optional[float], Optional[float], Dict[str, Any]]:
+    """(candidate AUC, baseline AUC, other overall and per-slice metrics) from the Evaluator output."""
+    import tensorflow_model_analysis as tfma
+
+    candidate = baseline = None
+    metrics: Dict[str, Any] = {}
+    for per_slice in tfma.load_metrics(evaluation_uri):
+        slice_key = tfma.slicer.deserialize_slice_key(per_slice.slice_key)
+        slice_name = "overall" if slice_key == OVERALL else ",".join(f"{k}={v}" for k, v in slice_key)
+        for kv in per_slice.metric_keys_and_values:
+            key = kv.key
+            if key.is_diff:
+                continue
+            if not kv.value.HasField("double_value"):
+                continue
+            value = kv.value.double_value.value
+            model = key.model_name or "candidate"
+            metrics.setdefault(slice_name, {}).setdefault(model, {})[key.name] = value
+            if slice_key == OVERALL and key.name == "auc":
+                if model == "baseline":
+                    baseline = value
+                else:
+                    candidate = value
+    return candidate, baseline, metrics
+
+
+def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
+    """The history record of the newest run of `span` (fields of DESIGN.md's report, plus detail)."""
+    from components.deployment_guard import REPORT_FILE
+    from models.trainer import SUMMARY_FILE
+
+    artifacts = run_artifacts(config, started)
+    get = artifacts.get
+    record: Dict[str, Any] = {
+        "span": span, "mode": config.mode, "time": round(started, 3), "status": "ok",
+        "live_auc": None, "previous_auc": None, "candidate_auc": None, "baseline_auc": None,
+        "blessed": False, "pushed_version": None, "rolled_back": False, "serving_version": None,
+        "examples_trained": 0, "train_seconds": 0.0, "run_seconds": 0.0,
+    }
+    examples = get(("SpanExampleGen", "examples"))
+    if examples is not None:
+        record["rows"] = _custom(examples, "rows")
+        record["bad_rows"] = _custom(examples, "bad_rows")
+
+    live = get(("DeploymentGuard", "live_evaluation"))
+    if live is not None:
+        path = os.path.join(live.uri, REPORT_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                report = json.load(f)
+            record.update(live_auc=report.get("live_auc"), previous_auc=report.get("previous_auc"),
+                          serving_version=report.get("serving_version"),
+                          previous_version=report.get("previous_version"))
+
+    model = get(("Trainer", "model"))
+    if model is not None:
+        path = os.path.join(model.uri, SUMMARY_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                summary = json.load(f)
+            record.update(examples_trained=summary["examples_trained"],
+                          train_seconds=round(summary["train_seconds"], 3),
+                          replayed_examples=summary["replayed_examples"],
+                          warm_started_from=summary["warm_started_from"])
+
+    evaluation = get(("Evaluator", "evaluation"))
+    if evaluation is not None:
+        candidate, baseline, metrics = evaluator_aucs(evaluation.uri)
+        record.update(candidate_auc=candidate, baseline_auc=baseline, metrics=metrics)
+    blessing = get(("Evaluator", "blessing"))
+    if blessing is not None:
+        record["blessed"] = _custom(blessing, "blessed") == 1
+
+    pushed = get(("ServingPusher", "pushed_model"))
+    if pushed is not None and _custom(pushed, "pushed") == 1:
+        record["pushed_version"] = _custom(pushed, "pushed_version")
+        record["serving_version"] = record["pushed_version"]
+        record["forced_push"] = bool(_custom(pushed, "forced"))
+    record["finished"] = round(time.time(), 3)
+    return record

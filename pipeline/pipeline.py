@@ -1,0 +1,160 @@
+"""create_pipeline(config, span): the TFX pipeline for one span.
+
+    SpanExampleGen -> StatisticsGen -> [SchemaGen -> SchemaCurator | ImportSchemaGen]
+      -> ExampleValidator -> DeploymentGuard -> Transform -> Trainer -> Evaluator -> ServingPusher
+
+The first span infers and curates the schema; every later span is validated
+against the curated copy kept in the work directory. The DeploymentGuard
+hands the model serving now to Trainer (warm start) and Evaluator (baseline).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
+from tfx.proto import range_config_pb2
+
+from components.deployment_guard import DeploymentGuard
+from components.example_gen import SpanExampleGen
+from components.schema_curator import SchemaCurator
+from components.serving_pusher import ServingPusher
+from models import features as F
+from pipeline.config import IncrecConfig
+from serving import model_config
+
+CANDIDATE, BASELINE = "candidate", "baseline"
+SLICES = [tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[F.USER_IS_NEW])]
+
+
+def eval_config(config: IncrecConfig, with_baseline: bool) -> tfma.EvalConfig:
+    """AUC, log loss and calibration, overall and new vs returning users; the gate is on overall AUC."""
+    # TFMA blesses nothing without a threshold, so even the first span has one: better than chance.
+    threshold = tfma.MetricThreshold(value_threshold=tfma.GenericValueThreshold(
+        lower_bound={"value": config.min_auc}))
+    if with_baseline:
+        threshold.change_threshold.CopyFrom(tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -config.auc_tolerance}))
+    auc_thresholds = [tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=threshold)]
+    model_specs = [tfma.ModelSpec(name=CANDIDATE, signature_name="regress", label_key=F.LABEL,
+                                  preprocessing_function_names=["transform_features"])]
+    if with_baseline:
+        model_specs.append(tfma.ModelSpec(name=BASELINE, signature_name="regress", label_key=F.LABEL,
+                                          is_baseline=True))
+    return tfma.EvalConfig(
+        model_specs=model_specs,
+        slicing_specs=SLICES,
+        metrics_specs=[tfma.MetricsSpec(metrics=[
+            tfma.MetricConfig(class_name="ExampleCount"),
+            tfma.MetricConfig(class_name="AUC", per_slice_thresholds=auc_thresholds),
+            tfma.MetricConfig(class_name="BinaryCrossentropy"),
+            tfma.MetricConfig(class_name="Calibration"),
+            tfma.MetricConfig(class_name="MeanLabel"),
+            tfma.MetricConfig(class_name="MeanPrediction"),
+        ])],
+    )
+
+
+def has_serving_model(config: IncrecConfig) -> bool:
+    deployment = model_config.read_deployment(config.models_config_path, config.model_name)
+    return deployment is not None and deployment.stable is not None
+
+
+def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Optional[bool] = None,
+                    metadata_connection_config=None) -> tfx.dsl.Pipeline:
+    """The pipeline for one span (span None: the newest span in the data directory)."""
+    if with_baseline is None:
+        with_baseline = has_serving_model(config)
+    first_span = not os.path.exists(config.schema_path)
+
+    example_gen = SpanExampleGen(config.data_dir, span, config.eval_fraction, config.bad_row_budget)
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    nodes = [example_gen, statistics_gen]
+    if first_span:
+        schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs["statistics"],
+                                              infer_feature_shape=True)
+        curator = SchemaCurator(schema=schema_gen.outputs["schema"], keep_path=config.schema_path)
+        schema = curator.outputs["curated_schema"]
+        nodes += [schema_gen, curator]
+    else:
+        importer = tfx.components.ImportSchemaGen(schema_file=config.schema_path)
+        schema = importer.outputs["schema"]
+        nodes.append(importer)
+
+    validator = tfx.components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
+    guard = DeploymentGuard(examples=example_gen.outputs["examples"],
+                            anomalies=validator.outputs["anomalies"],
+                            models_config_path=config.models_config_path,
+                            model_name=config.model_name)
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"],
+        schema=schema,
+        preprocessing_fn="models.preprocessing.preprocessing_fn",
+        materialize=False,
+        disable_statistics=True,
+        custom_config={"vocab_dir": config.vocab_dir, "oov_buckets": config.oov_buckets},
+    )
+    nodes += [validator, guard, transform]
+
+    train_examples = example_gen.outputs["examples"]
+    if config.mode == "full":
+        # Every span up to and including this one, newest version of each.
+        if span is None:
+            span_range = range_config_pb2.RangeConfig(rolling_range=range_config_pb2.RollingRange(
+                start_span_number=1, num_spans=1_000_000))
+        else:
+            span_range = range_config_pb2.RangeConfig(static_range=range_config_pb2.StaticRange(
+                start_span_number=1, end_span_number=span))
+        history = tfx.dsl.Resolver(
+            strategy_class=SpanRangeStrategy,
+            config={"range_config": span_range},
+            examples=example_gen.outputs["examples"],
+        ).with_id("all_spans_resolver")
+        train_examples = history.outputs["examples"]
+        nodes.append(history)
+
+    trainer_config = dict(config.trainer_config(), span=span)
+    trainer_kwargs = {}
+    if with_baseline and config.mode == "incremental":
+        trainer_kwargs["base_model"] = guard.outputs["serving_model"]
+    trainer = tfx.components.Trainer(
+        run_fn="models.trainer.run_fn",
+        examples=train_examples,
+        transform_graph=transform.outputs["transform_graph"],
+        schema=schema,
+        train_args=tfx.proto.TrainArgs(splits=["train"]),
+        eval_args=tfx.proto.EvalArgs(splits=["eval"]),
+        custom_config=trainer_config,
+        **trainer_kwargs,
+    )
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        baseline_model=guard.outputs["serving_model"] if with_baseline else None,
+        schema=schema,
+        example_splits=["eval"],
+        eval_config=eval_config(config, with_baseline),
+    )
+    pusher = ServingPusher(
+        model=trainer.outputs["model"],
+        model_blessing=evaluator.outputs["blessing"],
+        model_name=config.model_name,
+        model_base_path=config.model_base_path,
+        models_config_path=config.models_config_path,
+        keep_versions=config.keep_versions,
+        serving_address=config.serving_address,
+        force=int(config.force_push),
+    )
+    nodes += [trainer, evaluator, pusher]
+
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.pipeline_name(),
+        pipeline_root=config.pipeline_root,
+        components=nodes,
+        metadata_connection_config=metadata_connection_config
+        or tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path),
+        beam_pipeline_args=config.resolved_beam_args(),
+        enable_cache=False,
+    )
