@@ -34,7 +34,7 @@ REPORT_FILE = "live_evaluation.json"
 class LiveEvaluation(types.Artifact):
     """AUC of the deployed versions on a span they have not seen."""
 
-    TYPE_NAME = "IncrecLiveEvaluation"
+    TYPE_NAME = "increc.LiveEvaluation"  # namespace.Type, as Kubeflow v2 requires
 
 
 class DataAnomaliesError(RuntimeError):

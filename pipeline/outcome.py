@@ -110,6 +110,7 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
                 report = json.load(f)
             record.update(live_auc=report.get("live_auc"), previous_auc=report.get("previous_auc"),
                           serving_version=report.get("serving_version"),
+                          live_version=report.get("serving_version"),
                           previous_version=report.get("previous_version"))
 
     model = get(("Trainer", "model"))

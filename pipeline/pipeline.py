@@ -63,11 +63,17 @@ def has_serving_model(config: IncrecConfig) -> bool:
 
 
 def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Optional[bool] = None,
-                    metadata_connection_config=None) -> tfx.dsl.Pipeline:
-    """The pipeline for one span (span None: the newest span in the data directory)."""
+                    first_span: Optional[bool] = None, metadata_connection_config=None,
+                    orchestrator: str = "local") -> tfx.dsl.Pipeline:
+    """The pipeline for one span (span None: the newest span in the data directory).
+
+    By default its shape follows the work directory: the first span infers the
+    schema, and a baseline exists once a version is serving.
+    """
     if with_baseline is None:
         with_baseline = has_serving_model(config)
-    first_span = not os.path.exists(config.schema_path)
+    if first_span is None:
+        first_span = not os.path.exists(config.schema_path)
 
     example_gen = SpanExampleGen(config.data_dir, span, config.eval_fraction, config.bad_row_budget)
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
@@ -149,12 +155,14 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
     )
     nodes += [trainer, evaluator, pusher]
 
+    if orchestrator == "local" and metadata_connection_config is None:
+        metadata_connection_config = tfx.orchestration.metadata.sqlite_metadata_connection_config(
+            config.metadata_path)
     return tfx.dsl.Pipeline(
         pipeline_name=config.pipeline_name(),
         pipeline_root=config.pipeline_root,
         components=nodes,
-        metadata_connection_config=metadata_connection_config
-        or tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path),
+        metadata_connection_config=metadata_connection_config,  # Kubeflow brings its own MLMD
         beam_pipeline_args=config.resolved_beam_args(),
         enable_cache=False,
     )
