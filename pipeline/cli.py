@@ -12,7 +12,7 @@ import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hides CUDA plugin noise at import
 
 FORMATS = ("csv", "movielens", "movielens-100k", "movielens-1m", "movietweetings")
 CONFIG_FILE = "config.json"

@@ -119,7 +119,8 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
         if os.path.exists(path):
             with open(path) as f:
                 summary = json.load(f)
-            record.update(examples_trained=summary["examples_trained"],
+            record.update(candidate_model=os.path.join(model.uri, "Format-Serving"),
+                          examples_trained=summary["examples_trained"],
                           train_seconds=round(summary["train_seconds"], 3),
                           replayed_examples=summary["replayed_examples"],
                           warm_started_from=summary["warm_started_from"])

@@ -1,0 +1,145 @@
+"""The pieces the pipeline is built from, on small inputs: fast, no TFX run."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+
+from components import example_gen
+from components.schema_curator import curate
+from components.serving_pusher import next_version, prune, publish
+from models import replay, vocabulary, warm_start
+from models.metrics import auc
+from serving import model_config
+
+
+def test_auc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 500)
+    scores = np.round(rng.random(500) + labels * 0.3, 1)  # many ties
+    assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    assert auc([1, 1], [0.2, 0.3]) is None
+
+
+def test_read_csv_reports_the_line_where_a_quoted_record_starts(tmp_path):
+    path = tmp_path / "span.csv"
+    path.write_text('user_id,item_id,timestamp,label,note\n'
+                    'u1,i1,10,1,"two\nlines"\n'
+                    'u2,i2,11,0\n'
+                    'u3,,12,1,x\n'
+                    'u4,i4,soon,1,x\n'
+                    'u5,i5,13,2,x\n')
+    rows = list(example_gen.read_csv(str(path), example_gen.REQUIRED_COLUMNS))
+    assert rows[0][0] == 2 and rows[0][1]["note"] == "two\nlines"
+    assert rows[1][0] == 4 and rows[1][1] is None and "expected 5 fields, found 4" in rows[1][2]
+    reasons = {line: example_gen.check_interaction(row) for line, row, _ in rows if row}
+    assert reasons[5] == "empty item_id"
+    assert "timestamp 'soon'" in reasons[6]
+    assert "label '2'" in reasons[7]
+
+
+def test_missing_required_column_names_the_file_and_column(tmp_path):
+    path = tmp_path / "span.csv"
+    path.write_text("user_id,item_id,label\nu,i,1\n")
+    with pytest.raises(example_gen.MalformedInputError, match=r"span\.csv: missing required column\(s\) timestamp"):
+        list(example_gen.read_csv(str(path), example_gen.REQUIRED_COLUMNS))
+
+
+def test_bad_row_budget():
+    bad = [{"file": "f.csv", "line": n, "reason": "r"} for n in range(3)]
+    assert example_gen.budget_error(2997, bad, 0.001) is None  # 3 of 3000 allowed
+    message = example_gen.budget_error(1997, bad, 0.001)
+    assert "3 malformed row(s) out of 2000" in message and "f.csv, line 0: r" in message
+
+
+def test_examples_split_multi_valued_categoricals_and_keep_missing_numbers_empty():
+    kinds = example_gen.column_kinds([{"genres": "A|B", "year": ""}, {"genres": "", "year": "1999"}], ["genres", "year"])
+    assert kinds == {"genres": "categorical", "year": "numeric"}
+    row = {"user_id": "u", "item_id": "0012", "timestamp": "5", "label": "1", "genres": "Drama| Comedy", "year": ""}
+    example = example_gen.to_example(row, kinds).features.feature
+    assert list(example["genres"].bytes_list.value) == [b"Drama", b"Comedy"]
+    assert list(example["year"].float_list.value) == []
+    assert example["item_id"].bytes_list.value[0] == b"0012"
+
+
+def test_vocabulary_merge_appends_new_values_most_frequent_first():
+    merged = vocabulary.merge(["a", "b"], [(b"c", 1), (b"b", 9), (b"d", 5), (b"e", 5), (b"bad\nvalue", 7)])
+    assert merged == ["a", "b", "d", "e", "c"]
+
+
+def test_reservoir_is_bounded_uniform_and_absorbs_a_source_once(tmp_path):
+    r = replay.Reservoir(str(tmp_path), capacity=100, seed=1)
+    for span in range(10):
+        assert r.absorb(f"span-{span}", [f"{span}:{i}".encode() for i in range(100)])
+    assert not r.absorb("span-9", [b"again"])
+    assert len(r) == 100 and r.seen == 1000
+    reloaded = replay.Reservoir(str(tmp_path), capacity=100, seed=1)
+    assert reloaded.examples == r.examples and reloaded.seen == 1000
+    per_span = np.bincount([int(e.split(b":")[0]) for e in reloaded.examples], minlength=10)
+    assert per_span.min() >= 2, f"every span should be represented: {per_span}"
+    assert len(set(reloaded.sample(30, seed=3))) == 30
+
+
+def test_warm_start_copies_rows_by_index_and_keeps_new_rows():
+    new = {"emb": tf.Variable(np.full((5, 2), 7.0, np.float32)), "dense": tf.Variable(np.zeros(3, np.float32))}
+    report = warm_start.copy_into(new, {"emb": tf.constant(np.arange(6, dtype=np.float32).reshape(3, 2)),
+                                        "dense": tf.constant(np.ones(3, np.float32))})
+    np.testing.assert_array_equal(new["emb"].numpy()[:3], np.arange(6).reshape(3, 2))
+    np.testing.assert_array_equal(new["emb"].numpy()[3:], np.full((2, 2), 7.0))
+    assert report["dense"] == "copied" and "3 rows" in report["emb"]
+    with pytest.raises(ValueError, match="shape"):
+        warm_start.copy_into({"emb": tf.Variable(np.zeros((2, 2), np.float32))},
+                             {"emb": tf.constant(np.zeros((3, 2), np.float32))})
+
+
+def test_curated_schema_requires_ids_and_relaxes_drifting_constraints():
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from google.protobuf import text_format
+
+    schema = text_format.Parse("""
+      feature { name: "user_id" type: BYTES shape { dim { size: 1 } } }
+      feature { name: "item_id" type: BYTES domain: "item_id" }
+      feature { name: "timestamp" type: INT }
+      feature { name: "label" type: INT }
+      feature { name: "genres" type: BYTES domain: "genres" value_count { min: 1 max: 5 } }
+      string_domain { name: "item_id" value: "a" }
+      string_domain { name: "genres" value: "Drama" }
+    """, schema_pb2.Schema())
+    curated = {f.name: f for f in curate(schema).feature}
+    assert not curate(schema).string_domain
+    assert curated["item_id"].shape.dim[0].size == 1 and not curated["item_id"].HasField("domain")
+    assert not curated["genres"].HasField("value_count") and not curated["genres"].HasField("shape")
+    assert curated["label"].int_domain.max == 1
+    del schema.feature[3]
+    with pytest.raises(ValueError, match="label"):
+        curate(schema)
+
+
+def test_publish_is_atomic_strictly_increasing_and_prune_spares_labelled(tmp_path):
+    source = tmp_path / "model"
+    tf.saved_model.save(tf.Module(), str(source))
+    base = tmp_path / "serving" / "m"
+    versions = [publish(str(source), str(base)) for _ in range(4)]
+    assert versions == sorted(set(versions)) and len(versions) == 4
+    assert next_version(str(base)) == versions[-1] + 1
+    assert not [p for p in base.iterdir() if not p.name.isdigit()], "no staging directory left behind"
+    removed = prune(str(base), keep=2, protected=[versions[0], versions[3]])
+    assert removed == [versions[1], versions[2]]
+    assert model_config.version_dirs(str(base)) == [versions[0], versions[3]]
+    with pytest.raises(ValueError, match="saved_model.pb is missing"):
+        publish(str(tmp_path), str(base))
+
+
+def test_models_config_promote_keeps_the_previous_version(tmp_path):
+    path = str(tmp_path / "models.config")
+    model_config.promote(path, "m", str(tmp_path / "m"), 10)
+    deployment = model_config.promote(path, "m", str(tmp_path / "m"), 11)
+    assert deployment.labels == {"stable": 11, "previous": 10}
+    read = model_config.read_deployment(path, "m")
+    assert read.versions == [11, 10] and read.stable == 11 and read.previous == 10
+    (tmp_path / "bad.config").write_text("model_config_list { nonsense")
+    with pytest.raises(ValueError, match="bad.config"):
+        model_config.read_config(str(tmp_path / "bad.config"))
