@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   set up, cut the bundled data into spans, run the pipeline over spans 1-4, serve
+#   make demo   set up, cut the bundled data into spans, run the pipeline over spans 1-4
 #   make test   set up and run the test suite
 # Python 3.10 (TFX 1.16 supports 3.9-3.10): a pyenv install if there is one, else python3.10 on PATH.
 PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) $(shell command -v python3.10))
@@ -27,7 +27,7 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/increc prepare --format movietweetings --input data/movietweetings-100k --out $(DEMO_DATA) --spans 10 --overwrite
 	$(BIN)/increc backfill --data $(DEMO_DATA) --work $(DEMO_WORK) --spans $(DEMO_SPANS) --report $(DEMO_WORK)/report.json
-	$(BIN)/increc demo-serve --work $(DEMO_WORK)
+	$(BIN)/increc history --work $(DEMO_WORK)
 
 test: setup
 	$(BIN)/python -m pytest -q

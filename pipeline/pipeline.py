@@ -102,6 +102,8 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         disable_statistics=True,
         custom_config={"vocab_dir": config.vocab_dir, "oov_buckets": config.oov_buckets},
     )
+    # Nothing downstream may start before the guard: an anomaly must stop the run before Transform.
+    transform.add_upstream_node(guard)
     nodes += [validator, guard, transform]
 
     train_examples = example_gen.outputs["examples"]

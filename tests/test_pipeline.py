@@ -1,0 +1,232 @@
+"""The incremental TFX pipeline, end to end on small real data (one shared 3-span backfill)."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import features as F
+from serving import model_config
+from tests.conftest import TEST_SPANS, increc
+
+REPORT_FIELDS = {"span", "live_auc", "previous_auc", "candidate_auc", "baseline_auc", "blessed", "pushed_version",
+                 "rolled_back", "serving_version", "examples_trained", "train_seconds", "run_seconds"}
+
+
+def history(work: Path):
+    return [json.loads(line) for line in (work / "history.jsonl").read_text().splitlines() if line.strip()]
+
+
+def weights(saved_model_dir: str):
+    loaded = tf.saved_model.load(saved_model_dir)
+    return {k: v.numpy() for k, v in loaded.warm_start_weights.items()}
+
+
+def span_train_ids(data: Path, span: int, column: str, eval_fraction: float = 0.1):
+    """Ids in the train split of a span (its first 90% by time), as the ExampleGen cuts it."""
+    with open(data / f"span-{span}" / "interactions.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["timestamp"].strip().isdigit()]
+    rows.sort(key=lambda r: int(r["timestamp"]))
+    n_train = len(rows) - max(1, round(len(rows) * eval_fraction))
+    return {r[column] for r in rows[:n_train]}
+
+
+def test_backfill_report_has_the_design_schema(shared_run):
+    report = shared_run["report"]
+    assert report["mode"] == "incremental"
+    assert [s["span"] for s in report["spans"]] == list(range(1, TEST_SPANS + 1))
+    for span in report["spans"]:
+        assert REPORT_FIELDS <= set(span)
+        assert span["status"] == "ok", span
+        assert span["examples_trained"] > 0 and span["run_seconds"] >= span["train_seconds"] > 0
+        assert span["candidate_auc"] is not None and 0 <= span["candidate_auc"] <= 1
+    first = report["spans"][0]
+    assert first["live_auc"] is None and first["baseline_auc"] is None
+    assert first["blessed"] and first["pushed_version"], "the first span is blessed without a baseline"
+    for span in report["spans"][1:]:
+        assert span["live_auc"] is not None and span["baseline_auc"] is not None
+    live = [s["live_auc"] for s in report["spans"] if s["live_auc"] is not None]
+    assert report["mean_live_auc"] == pytest.approx(sum(live) / len(live))
+    assert "span 1:" in shared_run["stdout"] and "candidate AUC" in shared_run["stdout"]
+
+
+def test_malformed_row_within_budget_is_dropped_and_counted(shared_run):
+    first = history(shared_run["work"])[0]
+    assert first["bad_rows"] == 1
+    assert first["rows"] == 1499
+
+
+def test_later_spans_warm_start_from_the_version_serving_then(shared_run):
+    work = shared_run["work"]
+    records = history(work)
+    pushed = [r["pushed_version"] for r in records]
+    for i, record in enumerate(records[1:], start=1):
+        serving_then = next(v for v in reversed(pushed[:i]) if v)
+        assert record["live_version"] == serving_then
+        assert record["warm_started_from"], f"span {record['span']} trained from scratch"
+        base, served = weights(record["warm_started_from"]), weights(str(work / "serving" / "increc" / str(serving_then)))
+        assert base.keys() == served.keys()
+        for name in base:
+            np.testing.assert_array_equal(base[name], served[name])
+
+
+def test_rows_of_ids_absent_from_the_new_span_are_untouched(shared_run):
+    data, work = shared_run["data"], shared_run["work"]
+    vocab = (work / "vocab" / "user_id.vocab").read_text().splitlines()
+    index = {v: i for i, v in enumerate(vocab)}
+    oov = json.loads((work / "config.json").read_text())["oov_buckets"]
+    for record in history(work)[1:]:
+        before = weights(record["warm_started_from"])["user_id_embedding.0"]
+        after = weights(record["candidate_model"])["user_id_embedding.0"]
+        present = span_train_ids(data, record["span"], F.USER_ID)
+        absent = [oov + index[u] for u in index if u not in present and oov + index[u] < before.shape[0]]
+        trained = [oov + index[u] for u in present if u in index and oov + index[u] < before.shape[0]]
+        assert absent and trained
+        np.testing.assert_array_equal(after[absent], before[absent])
+        assert not np.array_equal(after[trained], before[trained]), "present ids should have been trained"
+        assert after.shape[0] >= before.shape[0]
+
+
+def test_vocabularies_only_grow(shared_run):
+    work = shared_run["work"]
+    transform_dirs = sorted((work / "pipeline" / "Transform" / "transform_graph").iterdir(), key=lambda p: int(p.name))
+    assert len(transform_dirs) == TEST_SPANS
+    for feature in ("user_id", "item_id", "genres"):
+        vocabularies = [(d / "transform_fn" / "assets" / f"{feature}.vocab").read_text().splitlines()
+                        for d in transform_dirs]
+        for older, newer in zip(vocabularies, vocabularies[1:]):
+            assert newer[: len(older)] == older, f"{feature}: an id moved"
+            assert len(newer) >= len(older)
+        assert len(vocabularies[-1]) > len(vocabularies[0]) or feature == "genres"
+
+
+def test_every_pushed_version_loads_and_answers(shared_run):
+    work = shared_run["work"]
+    base = work / "serving" / "increc"
+    versions = model_config.version_dirs(str(base))
+    pushed = [r["pushed_version"] for r in history(work) if r["pushed_version"]]
+    assert versions == sorted(pushed) and len(versions) >= 1
+    assert versions == sorted(set(versions)), "versions must be strictly increasing"
+    for version in versions:
+        model = tf.saved_model.load(str(base / str(version)))
+        out = model.signatures["serving_default"](
+            user_id=tf.constant(["1", "no-such-user"]), item_id=tf.constant(["1074638", "x"]),
+            genres=tf.constant(["Drama|Comedy", ""]), year=tf.constant([2012.0, float("nan")]))
+        p = out["probability"].numpy()
+        assert p.shape == (2,) and np.all((p > 0) & (p < 1))
+        assert (base / str(version) / "assets.extra" / "tf_serving_warmup_requests").exists()
+    deployment = model_config.read_deployment(str(work / "serving" / "models.config"), "increc")
+    assert deployment.stable == pushed[-1]
+    if len(pushed) > 1:
+        assert deployment.previous == pushed[-2]
+
+
+def test_raw_and_example_signatures_agree(shared_run):
+    from models.export import serving_inputs
+
+    work = shared_run["work"]
+    version = model_config.read_deployment(str(work / "serving" / "models.config"), "increc").stable
+    model = tf.saved_model.load(str(work / "serving" / "increc" / str(version)))
+    examples_dir = sorted((work / "pipeline" / "SpanExampleGen" / "examples").iterdir())[-1] / "Split-eval"
+    records = [r.numpy() for r in tf.data.TFRecordDataset(sorted(map(str, examples_dir.iterdir())), compression_type="GZIP")]
+    records = records[:64]
+    from_examples = model.signatures["regress"](inputs=tf.constant(records))["outputs"].numpy()
+    raw = serving_inputs(records, ["genres"], ["year"])
+    from_raw = model.signatures["serving_default"](**{k: tf.constant(v) for k, v in raw.items()})["probability"].numpy()
+    np.testing.assert_allclose(from_raw, from_examples, rtol=1e-5, atol=1e-6)
+    scores = model.signatures["classify"](inputs=tf.constant(records))["scores"].numpy()
+    np.testing.assert_allclose(scores[:, 1], from_examples, rtol=1e-5, atol=1e-6)
+
+
+def test_tensorboard_has_a_run_per_span(shared_run):
+    runs = list((shared_run["work"] / "tensorboard" / "train").iterdir())
+    assert len(runs) == TEST_SPANS
+    assert all(any(p.name.startswith("events.out.tfevents") for p in r.rglob("*")) for r in runs)
+
+
+# --- runs that must not change what serves; they reuse the shared work directory after it is done ---
+
+def _serving_state(work: Path):
+    config = (work / "serving" / "models.config").read_text()
+    return config, model_config.version_dirs(str(work / "serving" / "increc"))
+
+
+def test_schema_anomaly_stops_the_run_and_pushes_nothing(shared_run, tmp_path):
+    data, work = shared_run["data"], shared_run["work"]
+    before = _serving_state(work)
+    # Span 6: a 'year' column of text where the schema has numbers.
+    rows = [r for r in csv.reader(open(data / "span-4" / "interactions.csv", newline=""))][1:]
+    with open(data / "span-4" / "interactions.csv", newline="") as f:
+        header = next(csv.reader(f))
+    from tests.conftest import write_span
+    write_span(data, 6, [r + ["nineteen-ninety"] for r in rows], header=tuple(header) + ("year",))
+    result = increc("run", "--data", str(data), "--work", str(work), "--span", "6", "--no-progress",
+                    "--config", str(shared_run["config"]), check=False)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "does not match the schema" in out and "'year'" in out, out[-3000:]
+    assert _serving_state(work) == before
+    record = history(work)[-1]
+    assert record["span"] == 6 and record["status"] == "failed" and record["pushed_version"] is None
+    assert not list((work / "pipeline").glob("Trainer/model/*/Format-Serving")) or \
+        record.get("candidate_model") is None
+
+
+def test_missing_required_column_names_file_and_column(shared_run):
+    data, work = shared_run["data"], shared_run["work"]
+    before = _serving_state(work)
+    from tests.conftest import write_span
+    path = write_span(data, 7, [["1", "2", "1"]], header=("user_id", "item_id", "timestamp"))
+    result = increc("run", "--data", str(data), "--work", str(work), "--span", "7", "--no-progress",
+                    "--config", str(shared_run["config"]), check=False)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert str(path) in out and "label" in out, out[-3000:]
+    assert _serving_state(work) == before
+
+
+def test_candidate_trained_on_flipped_labels_is_not_blessed_or_pushed(shared_run, tmp_path):
+    data, work = shared_run["data"], shared_run["work"]
+    before = _serving_state(work)
+    config = dict(json.loads(shared_run["config"].read_text()), flip_train_labels=True)
+    flipped = tmp_path / "flipped.json"
+    flipped.write_text(json.dumps(config))
+    increc("run", "--data", str(data), "--work", str(work), "--span", "4", "--no-progress", "--config", str(flipped))
+    record = history(work)[-1]
+    assert record["span"] == 4 and record["status"] == "ok"
+    assert record["candidate_auc"] < record["baseline_auc"] - 0.002
+    assert record["blessed"] is False and record["pushed_version"] is None
+    assert _serving_state(work) == before
+    saved = json.loads((work / "config.json").read_text())
+    assert "flip_train_labels" not in saved, "a one-off switch must not stick to the work directory"
+
+
+def test_full_mode_retrains_from_scratch_on_every_span(shared_run):
+    data, work = shared_run["data"], shared_run["work"]
+    increc("run", "--data", str(data), "--work", str(work), "--span", "5", "--mode", "full", "--no-progress",
+           "--config", str(shared_run["config"]))
+    record = history(work)[-1]
+    assert record["span"] == 5 and record["mode"] == "full" and record["status"] == "ok"
+    assert record["warm_started_from"] is None
+    # The train splits of every span up to 5 that was ingested (the newest ingestion of each).
+    rows = {r["span"]: r["rows"] for r in history(work) if r["span"] <= 5 and r.get("rows")}
+    assert set(rows) >= {1, 2, 3, 5}
+    assert record["examples_trained"] == sum(n - max(1, round(n * 0.1)) for n in rows.values())
+
+
+def test_kubeflow_spec_compiles_and_names_every_component(shared_run, tmp_path):
+    out = tmp_path / "increc.json"
+    increc("compile", "--target", "kubeflow", "--work", str(shared_run["work"]), "--data", str(shared_run["data"]),
+           "--output", str(out), "--image", "registry.example/increc:test")
+    spec = json.loads(out.read_text())
+    tasks = set(spec["pipelineSpec"]["root"]["dag"]["tasks"])
+    assert tasks == {"SpanExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "DeploymentGuard",
+                     "Transform", "Trainer", "Evaluator", "ServingPusher"}
+    images = {e["container"]["image"] for e in spec["pipelineSpec"]["deploymentSpec"]["executors"].values()
+              if "container" in e}
+    assert images == {"registry.example/increc:test"}
