@@ -129,7 +129,7 @@ class _ComponentProgress(logging.Handler):
             self.bar.set_postfix_str(message[len("Component "):-len(" is running.")])
 
 
-def run_spans(config, spans: List[int], show_progress: bool = True) -> List[Dict[str, Any]]:
+def run_spans(config, spans: List[int], show_progress: bool = True, verbose: bool = False) -> List[Dict[str, Any]]:
     from tqdm import tqdm
 
     from pipeline.local_runner import SpanRunError, run_span
@@ -138,7 +138,14 @@ def run_spans(config, spans: List[int], show_progress: bool = True) -> List[Dict
     bar = tqdm(total=len(spans), unit="span", disable=not show_progress, file=sys.stderr,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} spans [{elapsed}<{remaining}{postfix}]")
     hook = _ComponentProgress(bar)
-    logging.getLogger("absl").addHandler(hook)
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addHandler(hook)
+    if not verbose:
+        # Libraries install root handlers at INFO while a run goes; keep their chatter out of the terminal.
+        absl_logger.propagate = False
+        warnings_only = logging.StreamHandler(sys.stderr)
+        warnings_only.setLevel(logging.WARNING)
+        absl_logger.addHandler(warnings_only)
     try:
         for span in spans:
             bar.set_description(f"span {span}")
@@ -150,7 +157,7 @@ def run_spans(config, spans: List[int], show_progress: bool = True) -> List[Dict
             bar.write(span_line(record))
             bar.update(1)
     finally:
-        logging.getLogger("absl").removeHandler(hook)
+        absl_logger.removeHandler(hook)
         bar.close()
     return records
 
@@ -185,7 +192,7 @@ def cmd_prepare(args) -> int:
 def cmd_run(args) -> int:
     config = load_config(args)
     save_config(config)
-    records = run_spans(config, [args.span], show_progress=not args.no_progress)
+    records = run_spans(config, [args.span], show_progress=not args.no_progress, verbose=args.verbose)
     return 0 if records[0].get("status") == "ok" else 1
 
 
@@ -193,7 +200,8 @@ def cmd_backfill(args) -> int:
     config = load_config(args)
     save_config(config)
     first, last = args.spans
-    records = run_spans(config, list(range(first, last + 1)), show_progress=not args.no_progress)
+    records = run_spans(config, list(range(first, last + 1)), show_progress=not args.no_progress,
+                        verbose=args.verbose)
     report = backfill_report(config.mode, records)
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)

@@ -16,6 +16,7 @@ import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
 from tfx.proto import range_config_pb2
+from tfx.types import channel
 
 from components.deployment_guard import DeploymentGuard
 from components.example_gen import SpanExampleGen
@@ -107,20 +108,22 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
     nodes += [validator, guard, transform]
 
     train_examples = example_gen.outputs["examples"]
-    if config.mode == "full":
-        # Every span up to and including this one, newest version of each.
+    if config.mode == "full" and span != 1:
+        # Earlier spans come from MLMD (any run of this pipeline), newest ingestion of each;
+        # a channel tied to this run's ExampleGen would only ever see the current span.
         if span is None:
-            span_range = range_config_pb2.RangeConfig(rolling_range=range_config_pb2.RollingRange(
+            earlier = range_config_pb2.RangeConfig(rolling_range=range_config_pb2.RollingRange(
                 start_span_number=1, num_spans=1_000_000))
         else:
-            span_range = range_config_pb2.RangeConfig(static_range=range_config_pb2.StaticRange(
-                start_span_number=1, end_span_number=span))
+            earlier = range_config_pb2.RangeConfig(static_range=range_config_pb2.StaticRange(
+                start_span_number=1, end_span_number=span - 1))
         history = tfx.dsl.Resolver(
             strategy_class=SpanRangeStrategy,
-            config={"range_config": span_range},
-            examples=example_gen.outputs["examples"],
-        ).with_id("all_spans_resolver")
-        train_examples = history.outputs["examples"]
+            config={"range_config": earlier},
+            examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples,
+                                     producer_component_id=example_gen.id, output_key="examples"),
+        ).with_id("earlier_spans_resolver")
+        train_examples = channel.union([history.outputs["examples"], example_gen.outputs["examples"]])
         nodes.append(history)
 
     trainer_config = dict(config.trainer_config(), span=span)
