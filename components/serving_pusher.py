@@ -61,17 +61,18 @@ def prune(base_path: str, keep: int, protected: List[int]) -> List[int]:
     return removed
 
 
-def notify_server(address: str, config_path: str) -> str:
+def notify_server(address: str, new_config, old_config) -> str:
     """Tells a running server about the new config; a missing server is not an error."""
-    try:
-        from serving.client import ServingClient
-    except ImportError:
-        return "no client"
+    from serving.client import ServingClient
+
     client = ServingClient(address, timeout=5.0)
-    if not client.is_reachable():
-        return "no server reachable; it reads models.config when it starts"
-    client.apply_deployment(model_config.read_config(config_path), wait_timeout=120.0)
-    return f"server at {address} reloaded"
+    try:
+        if not client.is_reachable():
+            return "no server reachable; it reads models.config when it starts"
+        client.apply_deployment(new_config, current=old_config, wait_timeout=120.0)
+        return f"server at {address} reloaded"
+    finally:
+        client.close()
 
 
 @component
@@ -92,12 +93,14 @@ def ServingPusher(
         pushed_model.set_int_custom_property("pushed", 0)
         return
     version = publish(os.path.join(model.uri, "Format-Serving"), model_base_path)
+    old_config = model_config.read_config(models_config_path) if os.path.exists(models_config_path) else None
     deployment = model_config.promote(models_config_path, model_name, model_base_path, version)
-    removed = prune(model_base_path, keep_versions, list(deployment.labels.values()))
     try:
-        outcome = notify_server(serving_address, models_config_path)
+        outcome = notify_server(serving_address, model_config.build_config(deployment), old_config)
     except Exception as e:  # noqa: BLE001 - the push itself succeeded; the server catches up from the file
         outcome = f"server reload failed ({e}); models.config is updated"
+    # Old versions go only after the server has let go of them.
+    removed = prune(model_base_path, keep_versions, list(deployment.labels.values()))
     logging.info("pushed version %d (%s); pruned %s", version, outcome, removed)
     pushed_model.set_int_custom_property("pushed", 1)
     pushed_model.set_int_custom_property("pushed_version", version)
