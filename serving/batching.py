@@ -7,6 +7,7 @@ run once, and split back. Anything that cannot be merged runs alone.
 """
 from __future__ import annotations
 
+import re
 import threading
 from typing import Dict, List, Tuple
 
@@ -18,17 +19,21 @@ from serving.servable import DEFAULT_SIGNATURE
 
 
 def parse_parameters(path: str) -> Tuple[int, float]:
-    """(max_batch_size, batch timeout in seconds) from a text BatchingParameters file."""
-    from google.protobuf import text_format
-    from tensorflow_serving.servables.tensorflow import session_bundle_config_pb2
+    """(max_batch_size, batch timeout in seconds) from a text BatchingParameters file.
 
-    params = session_bundle_config_pb2.BatchingParameters()
+    Read from the text form: the tensorflow-serving-api package ships no
+    BatchingParameters proto. TF Serving's defaults apply to absent fields.
+    """
+    text = ""
     if path:
         with open(path, encoding="utf-8") as f:
-            text_format.Parse(f.read(), params)
-    max_batch = params.max_batch_size.value if params.HasField("max_batch_size") else 32
-    timeout = (params.batch_timeout_micros.value if params.HasField("batch_timeout_micros") else 1000) / 1e6
-    return max_batch, timeout
+            text = re.sub(r"#.*", "", f.read())
+
+    def field(name: str, default: int) -> int:
+        match = re.search(name + r"\s*:?\s*\{\s*value\s*:\s*(\d+)\s*\}", text)
+        return int(match.group(1)) if match else default
+
+    return field("max_batch_size", 32), field("batch_timeout_micros", 1000) / 1e6
 
 
 class _Pending:

@@ -80,11 +80,17 @@ class Registry:
 
 
 def parse_monitoring_config(path: str) -> Tuple[bool, str]:
-    """(enabled, path) from a text MonitoringConfig file."""
-    from google.protobuf import text_format
-    from tensorflow_serving.config import monitoring_config_pb2
+    """(enabled, path) from a text MonitoringConfig file.
 
-    config = monitoring_config_pb2.MonitoringConfig()
+    The pip package of tensorflow-serving-api ships no monitoring_config_pb2,
+    so the two fields that matter are read from the text form directly.
+    """
     with open(path, encoding="utf-8") as f:
-        text_format.Parse(f.read(), config)
-    return config.prometheus_config.enable, config.prometheus_config.path or DEFAULT_PATH
+        text = re.sub(r"#.*", "", f.read())
+    block = re.search(r"prometheus_config\s*:?\s*\{([^}]*)\}", text)
+    if block is None:
+        return False, DEFAULT_PATH
+    enable = re.search(r"\benable\s*:\s*(\w+)", block.group(1))
+    where = re.search(r'\bpath\s*:\s*"([^"]*)"', block.group(1))
+    enabled = enable is not None and enable.group(1).lower() in ("true", "1")
+    return enabled, (where.group(1) if where and where.group(1) else DEFAULT_PATH)

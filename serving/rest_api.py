@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import json
+import logging
 import math
 import re
 import time
@@ -120,8 +121,8 @@ def _format(value) -> str:
 
 def _values(array: np.ndarray, alias: str):
     """Nested Python values keeping numpy scalars (for their shortest form); `*_bytes` strings as b64."""
-    if array.ndim == 0:
-        value = array[()]
+    if not isinstance(array, np.ndarray) or array.ndim == 0:
+        value = array[()] if isinstance(array, np.ndarray) else array
         if isinstance(value, (bytes, np.bytes_)) and alias.endswith("_bytes"):
             return {"b64": base64.b64encode(bytes(value)).decode("ascii")}
         return value
@@ -199,6 +200,10 @@ class RestApi:
         except ServingError as e:
             self.metrics.increment(REQUEST_COUNT, {"model_name": model_name, "status": e.code.name})
             return e.http_status, json.dumps({"error": e.message}), "application/json"
+        except Exception as e:  # noqa: BLE001 - a bug answers 500 and the server keeps serving
+            logging.exception("REST %s %s failed", method, path)
+            self.metrics.increment(REQUEST_COUNT, {"model_name": model_name, "status": "INTERNAL"})
+            return 500, json.dumps({"error": f"{type(e).__name__}: {e}"}), "application/json"
         self.metrics.increment(REQUEST_COUNT, {"model_name": model_name, "status": "OK"})
         self.metrics.observe(REQUEST_LATENCY, {"model_name": model_name, "API": api, "entrypoint": "REST"},
                              (time.time() - started) * 1e6)
@@ -387,6 +392,13 @@ def make_handler(api: RestApi):
         def _dispatch(self, method: str) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             if length > api.max_body_bytes:
+                # Read and drop the body (without keeping it) so the client gets the answer, not a reset.
+                remaining = length if length <= 16 * api.max_body_bytes else 0
+                while remaining > 0:
+                    chunk = self.rfile.read(min(remaining, 1 << 20))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
                 self.close_connection = True
                 self._reply(413, json.dumps({"error": f"Request body of {length} bytes exceeds the limit of "
                                                       f"{api.max_body_bytes} bytes"}), "application/json")
