@@ -17,6 +17,9 @@ import tensorflow as tf
 from serving import inference
 from serving.servable import DEFAULT_SIGNATURE
 
+BATCHES_MERGED = "/tensorflow/serving/batching_session/merged_batch_count"
+REQUESTS_MERGED = "/tensorflow/serving/batching_session/merged_request_count"
+
 
 def parse_parameters(path: str) -> Tuple[int, float]:
     """(max_batch_size, batch timeout in seconds) from a text BatchingParameters file.
@@ -45,8 +48,8 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, manager, max_batch_size: int = 32, timeout_seconds: float = 0.001):
-        self.manager = manager
+    def __init__(self, manager, max_batch_size: int = 32, timeout_seconds: float = 0.001, metrics=None):
+        self.manager, self.metrics = manager, metrics
         self.max_batch_size, self.timeout = max_batch_size, timeout_seconds
         self._lock = threading.Lock()
         self._queues: Dict[tuple, List[_Pending]] = {}
@@ -106,6 +109,9 @@ class Batcher:
             merged.inputs[alias].CopyFrom(tf.make_tensor_proto(np.concatenate(parts, axis=0)))
         response = inference.predict(manager, merged)
         self.batches_run += 1
+        if self.metrics is not None:
+            self.metrics.increment(BATCHES_MERGED, {"model_name": merged.model_spec.name})
+            self.metrics.increment(REQUESTS_MERGED, {"model_name": merged.model_spec.name}, len(group))
         start = 0
         for item in group:
             own = predict_pb2.PredictResponse()

@@ -170,15 +170,29 @@ class ModelManager:
             error = self._load(model, name, version, os.path.join(base, str(version)))
             if error and new_model:
                 failures.append(f"{{name: {name} version: {version}}} due to error: {error}")
-        # Only now release what is no longer aspired.
-        for version, state in list(model.versions.items()):
-            if version not in aspired and state.state == AVAILABLE:
-                state.state = UNLOADING
-                with self._lock:
-                    state.servable = None
-                    state.state = END
-                logging.info("model %s version %d unloaded", name, version)
+        self._release_unaspired(model, name, aspired)
         return failures
+
+    def _release_unaspired(self, model: Model, name: str, aspired: List[int]) -> None:
+        """TF Serving's AvailabilityPreservingPolicy: never leave a model with nothing to serve.
+
+        The lowest unaspired AVAILABLE version unloads when no version is
+        aspired, when an aspired one is AVAILABLE, or when another unaspired
+        one is still AVAILABLE; so a failed new version keeps the old one up.
+        """
+        while True:
+            ready = {v for v, s in model.versions.items() if s.state == AVAILABLE}
+            unaspired = sorted(ready - set(aspired))
+            if not unaspired:
+                return
+            if aspired and not (ready & set(aspired)) and len(unaspired) == 1:
+                return
+            state = model.versions[unaspired[0]]
+            with self._lock:
+                state.state = UNLOADING
+                state.servable = None
+                state.state = END
+            logging.info("model %s version %d unloaded", name, unaspired[0])
 
     def _should_retry(self, state: VersionState) -> bool:
         return state.attempts <= self._max_retries and time.time() - state.last_attempt >= self._retry_interval

@@ -87,7 +87,7 @@ class EmbeddedServer:
             from serving.batching import Batcher, parse_parameters
 
             max_batch, timeout = parse_parameters(flags.batching_parameters_file)
-            batcher = Batcher(self.manager, max_batch, timeout)
+            batcher = Batcher(self.manager, max_batch, timeout, self.metrics)
         self.grpc_server, self.grpc_port = grpc_api.serve(self.manager, self.metrics, flags.host, flags.port,
                                                           flags.max_request_bytes, batcher)
         if flags.rest_api_port:
