@@ -286,8 +286,10 @@ def _loaded_versions(config) -> Optional[List[Tuple[int, str]]]:
         status = client.model_status(config.model_name)
     except Exception:  # noqa: BLE001 - a server without this model
         return []
-    return [(int(v.version), v.state_name if hasattr(v, "state_name") else str(v.state))
-            for v in getattr(status, "model_version_status", [])]
+    from tensorflow_serving.apis import get_model_status_pb2
+
+    names = get_model_status_pb2.ModelVersionStatus.State
+    return [(int(v.version), names.Name(v.state)) for v in status.model_version_status]
 
 
 def cmd_compile(args) -> int:
@@ -309,6 +311,43 @@ def cmd_tensorboard(args) -> int:
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", args.host, "--port", str(args.port)]
     print(f"TensorBoard on http://{args.host}:{args.port} over {logdir}")
     os.execv(sys.executable, command)
+    return 0
+
+
+def cmd_up(args) -> int:
+    from pipeline import serving_ops
+
+    config = load_config(args)
+    pid = serving_ops.start(config, args.port, args.rest_port)
+    print(f"serving {config.model_name} from {config.models_config_path}: gRPC 127.0.0.1:{args.port}, "
+          f"REST http://127.0.0.1:{args.rest_port} (pid {pid}, log {config.serving_dir}/server.log)")
+    for line in serving_ops.demo_queries(config, args.port, args.rest_port):
+        print(line)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from pipeline import serving_ops
+
+    stopped = serving_ops.stop(load_config(args))
+    print("server stopped" if stopped else "no server was running for this work directory")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from pipeline import serving_ops
+    from serving.client import ServingClient
+
+    config = load_config(args)
+    inputs = serving_ops.inputs_for(config, [(args.user, item) for item in args.item])
+    client = ServingClient(args.address or config.serving_address)
+    if not client.is_reachable(wait=3):
+        raise RuntimeError(f"no server at {args.address or config.serving_address}; start one with `increc up`")
+    version = None if args.version is None else args.version
+    label = None if version is not None else args.label
+    scores = client.predict(config.model_name, inputs, version=version, label=label)["probability"]
+    for item, score in zip(args.item, scores):
+        print(f"user {args.user} item {item}: {float(score):.6f}")
     return 0
 
 
@@ -385,6 +424,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=6006)
     p.set_defaults(func=cmd_tensorboard)
+
+    p = sub.add_parser("up", help="start the embedded server over WORK/serving in the background")
+    work_args(p, data=False)
+    p.add_argument("--data", help="DATA directory (for the example queries; default: the one the runs used)")
+    p.add_argument("--port", type=int, default=8500)
+    p.add_argument("--rest-port", type=int, default=8501, dest="rest_port")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("down", help="stop the server `increc up` started")
+    work_args(p, data=False)
+    p.set_defaults(func=cmd_down)
+
+    p = sub.add_parser("predict", help="score items for a user over gRPC")
+    work_args(p, data=False)
+    p.add_argument("--data", help="DATA directory with the side tables (default: the one the runs used)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--item", required=True, action="append", help="repeat for several items")
+    p.add_argument("--label", default="stable")
+    p.add_argument("--version", type=int)
+    p.add_argument("--address", help="gRPC address (default: the config's serving_address)")
+    p.set_defaults(func=cmd_predict)
 
     sub.add_parser("serve", help="TF-Serving-compatible model server (takes tensorflow_model_server flags)",
                    add_help=False)

@@ -115,12 +115,18 @@ class ModelManager:
             for model in removed:
                 for state in model.versions.values():
                     state.servable, state.state = None, END
-            failures = []
+            failures, aspired = [], {}
             for entry in entries:
-                failures += self._sync(entry.name, new_model=entry.name not in current)
+                failed, aspired[entry.name] = self._load_aspired(entry.name, new_model=entry.name not in current)
+                failures += failed
+            # Labels move once the new versions are in and before any old one goes,
+            # so a label never points at a version being unloaded.
             with self._lock:
                 for entry in entries:
                     self._models[entry.name].labels = dict(entry.version_labels)
+            for entry in entries:
+                if aspired[entry.name] is not None:
+                    self._release_unaspired(self._models[entry.name], entry.name, aspired[entry.name])
         if failures:
             raise ServingError(grpc.StatusCode.UNKNOWN,
                                f"{len(failures)} model(s) did not become available: {{{', '.join(failures)}}}")
@@ -139,22 +145,25 @@ class ModelManager:
 
     # --- loading ---
     def rescan(self) -> None:
-        """Picks up new and removed version directories of every model."""
+        """Picks up new and removed version directories of every model: loads first, then unloads."""
         with self._sync_lock:
             for name in list(self._models):
-                self._sync(name, new_model=False)
+                _, aspired = self._load_aspired(name, new_model=False)
+                model = self._models.get(name)
+                if model is not None and aspired is not None:
+                    self._release_unaspired(model, name, aspired)
 
-    def _sync(self, name: str, new_model: bool) -> List[str]:
-        """Loads aspired versions first, then unloads the rest (availability preserving)."""
+    def _load_aspired(self, name: str, new_model: bool) -> Tuple[List[str], Optional[List[int]]]:
+        """Loads the aspired versions not loaded yet; returns (failures of a new model, aspired versions)."""
         with self._lock:
             model = self._models.get(name)
         if model is None:
-            return []
+            return [], None
         base = model.config.base_path
         if not os.path.isdir(base):
             message = f"Could not find base path {base} for servable {name}"
             logging.error(message)
-            return [f"{{name: {name} }} due to error: {message}"] if new_model else []
+            return ([f"{{name: {name} }} due to error: {message}"] if new_model else []), None
         on_disk = _numeric_children(base)
         if not on_disk:
             logging.warning("No versions of servable %s found under base path %s. Did you forget to name your "
@@ -170,8 +179,7 @@ class ModelManager:
             error = self._load(model, name, version, os.path.join(base, str(version)))
             if error and new_model:
                 failures.append(f"{{name: {name} version: {version}}} due to error: {error}")
-        self._release_unaspired(model, name, aspired)
-        return failures
+        return failures, aspired
 
     def _release_unaspired(self, model: Model, name: str, aspired: List[int]) -> None:
         """TF Serving's AvailabilityPreservingPolicy: never leave a model with nothing to serve.

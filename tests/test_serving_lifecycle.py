@@ -42,8 +42,14 @@ def grpc_predict(address, x=2.0, label=None, version=None):
 class Load:
     """Background clients over REST and gRPC; counts answers and failures (bounded in time)."""
 
-    def __init__(self, server, seconds=60.0, label=None):
+    def __init__(self, server, seconds=60.0, label=None, model="m", inputs=None):
         self.server, self.label, self.until = server, label, time.time() + seconds
+        self.model = model
+        self.inputs = inputs if inputs is not None else {"x": np.array([2.0], np.float32)}
+        self.body = {"instances": [{k: (v[0].decode() if isinstance(v[0], bytes) else float(v[0]))
+                                    for k, v in self.inputs.items()}]}
+        if len(self.inputs) == 1:
+            self.body = {"instances": [float(next(iter(self.inputs.values()))[0])]}
         self.answers, self.failures = [], []
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self._rest), threading.Thread(target=self._grpc)]
@@ -51,7 +57,7 @@ class Load:
     def _rest(self):
         while not self._stop.is_set() and time.time() < self.until:
             try:
-                body = rest_predict(self.server.rest_url, "m", {"instances": [2.0]}, label=self.label)
+                body = rest_predict(self.server.rest_url, self.model, self.body, label=self.label)
                 self.answers.append(body["predictions"][0])
             except Exception as e:  # noqa: BLE001 - counted as a failed request
                 self.failures.append(repr(e))
@@ -60,8 +66,8 @@ class Load:
         client = ServingClient(self.server.grpc_address, timeout=30)
         while not self._stop.is_set() and time.time() < self.until:
             try:
-                self.answers.append(float(client.predict("m", {"x": np.array([2.0], np.float32)},
-                                                         label=self.label)["y"][0]))
+                outputs = client.predict(self.model, self.inputs, label=self.label)
+                self.answers.append(float(next(iter(outputs.values())).ravel()[0]))
             except Exception as e:  # noqa: BLE001
                 self.failures.append(repr(e))
         client.close()

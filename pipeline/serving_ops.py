@@ -1,0 +1,147 @@
+"""Running the server over a work directory, and querying it: `increc up`, `down`, `predict`.
+
+`up` starts the embedded server in the background over `WORK/serving/models.config`
+(the same flags a real tensorflow_model_server would take), waits until the
+stable version answers, and leaves its pid and log in `WORK/serving/`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+PID_FILE = "server.pid"
+LOG_FILE = "server.log"
+
+
+def server_flags(config, grpc_port: int, rest_port: int) -> List[str]:
+    return [f"--port={grpc_port}", f"--rest_api_port={rest_port}", f"--model_config_file={config.models_config_path}",
+            "--model_config_file_poll_wait_seconds=5", "--file_system_poll_wait_seconds=5",
+            # models.config carries labels; TF Serving only accepts them at startup with this flag.
+            "--allow_version_labels_for_unavailable_models=true"]
+
+
+def start(config, grpc_port: int = 8500, rest_port: int = 8501, timeout: float = 180.0) -> int:
+    """Starts the server in the background; returns its pid once the model answers."""
+    from serving.client import ServingClient
+
+    if not os.path.exists(config.models_config_path):
+        raise FileNotFoundError(f"nothing deployed yet: {config.models_config_path} does not exist (run a span first)")
+    pid_path = os.path.join(config.serving_dir, PID_FILE)
+    if os.path.exists(pid_path) and _alive(int(open(pid_path).read())):
+        raise RuntimeError(f"a server is already running for {config.work_dir} (pid {open(pid_path).read().strip()}); "
+                           f"`increc down --work {config.work_dir}` stops it")
+    log = open(os.path.join(config.serving_dir, LOG_FILE), "a")
+    process = subprocess.Popen([sys.executable, "-m", "serving", *server_flags(config, grpc_port, rest_port)],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               env=dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3"))
+    with open(pid_path, "w") as f:
+        f.write(str(process.pid))
+    client = ServingClient(f"127.0.0.1:{grpc_port}", timeout=5)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode}); see {log.name}")
+        if client.is_reachable(wait=0.5) and client.available_versions(config.model_name):
+            return process.pid
+        time.sleep(0.5)
+    stop(config)
+    raise TimeoutError(f"the server did not come up within {timeout:.0f}s; see {log.name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def stop(config) -> bool:
+    pid_path = os.path.join(config.serving_dir, PID_FILE)
+    if not os.path.exists(pid_path):
+        return False
+    pid = int(open(pid_path).read())
+    os.remove(pid_path)
+    if not _alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    return True
+
+
+def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
+    """serving_default inputs for (user_id, item_id) pairs, side features joined from the data directory."""
+    from components.example_gen import column_kinds, read_side_table
+
+    inputs = {"user_id": np.array([u.encode() for u, _ in pairs], dtype=object),
+              "item_id": np.array([i.encode() for _, i in pairs], dtype=object)}
+    for name, key, position in (("items.csv", "item_id", 1), ("users.csv", "user_id", 0)):
+        path = os.path.join(config.data_dir, name)
+        if not os.path.exists(path):
+            continue
+        table, columns = read_side_table(path, key)
+        for column, kind in column_kinds(list(table.values()), columns).items():
+            values = [table.get(pair[position], {}).get(column, "") for pair in pairs]
+            if kind == "numeric":
+                inputs[column] = np.array([float(v) if v else np.nan for v in values], dtype=np.float32)
+            else:
+                inputs[column] = np.array([v.encode() for v in values], dtype=object)
+    return inputs
+
+
+def newest_pairs(config, rows: int = 1) -> List[tuple]:
+    import csv
+
+    from components import ingest
+
+    spans = ingest.span_dirs(config.data_dir)
+    if not spans:
+        raise FileNotFoundError(f"no spans in {config.data_dir}")
+    with open(os.path.join(config.data_dir, f"span-{spans[-1]}", "interactions.csv"), newline="") as f:
+        return [(r["user_id"], r["item_id"]) for r in list(csv.DictReader(f))[-rows:]]
+
+
+def rest_body(inputs: Dict[str, np.ndarray]) -> dict:
+    def plain(v):
+        if isinstance(v, bytes):
+            return v.decode()
+        return None if isinstance(v, float) and np.isnan(v) else float(v)
+
+    rows = [{k: plain(v[i]) for k, v in inputs.items()} for i in range(len(inputs["user_id"]))]
+    # NaN is how a missing number is sent; JSON clients may write NaN literally.
+    return {"instances": [{k: (float("nan") if v is None else v) for k, v in row.items()} for row in rows]}
+
+
+def demo_queries(config, grpc_port: int, rest_port: int) -> List[str]:
+    """One REST and one gRPC prediction, plus the commands to make them by hand."""
+    from serving.client import ServingClient, rest_predict
+
+    inputs = inputs_for(config, newest_pairs(config))
+    body = rest_body(inputs)
+    rest = rest_predict(f"http://127.0.0.1:{rest_port}", config.model_name, body, label="stable")
+    client = ServingClient(f"127.0.0.1:{grpc_port}")
+    grpc_answer = client.predict(config.model_name, inputs, label="stable")
+    client.close()
+    body_text = json.dumps(body)
+    return [
+        f"REST  stable: {json.dumps(rest)}",
+        f"gRPC  stable: probability={float(grpc_answer['probability'][0]):.6f}",
+        "",
+        "query it yourself:",
+        f"  curl -s http://127.0.0.1:{rest_port}/v1/models/{config.model_name}",
+        f"  curl -s -X POST http://127.0.0.1:{rest_port}/v1/models/{config.model_name}/labels/stable:predict -d '{body_text}'",
+        f"  increc predict --work {config.work_dir} --user {inputs['user_id'][0].decode()} "
+        f"--item {inputs['item_id'][0].decode()}      # over gRPC",
+        f"  increc status --work {config.work_dir}",
+        f"  increc down --work {config.work_dir}      # stop the server",
+    ]
