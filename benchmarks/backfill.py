@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import write_json  # noqa: E402
 
 
 def increc(*args: str) -> None:
@@ -64,10 +67,7 @@ def main() -> int:
         print(f"{span:>4} " + " ".join(cells))
     for mode, report in results["modes"].items():
         print(f"{mode}: mean live AUC {report['mean_live_auc']}, wall {report['wall_seconds']:.0f}s")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"written {args.out}")
+    write_json(args.out, results)
     return 0
 
 

@@ -4,18 +4,27 @@
    trained or pushed, and the error names every anomaly.
 2. Measures, on span N (fresh data neither model has seen), the AUC of the
    version serving now (`stable`) and of the retained `previous` version.
-   This live AUC is the honest, prequential quality of the system.
-3. Hands the model serving now to Trainer (warm start) and Evaluator
-   (baseline) as a Model artifact, so both follow what really serves rather
-   than the newest blessed model.
+   This live AUC is the honest, prequential quality of the system. When a
+   server is reachable it is measured through gRPC Predict on the `stable`
+   and `previous` labels with raw features, as clients call it, so serving
+   skew shows too; otherwise from the SavedModels on disk.
+3. Rolls back when the serving version's live AUC is below the previous
+   version's by more than the tolerance: `stable` returns to the previous
+   version and the bad one is unloaded and marked (MLMD, history, the
+   serving directory).
+4. Hands the model serving now (after any rollback) to Trainer (warm start)
+   and Evaluator (baseline) as a Model artifact, so both follow what really
+   serves rather than the newest blessed model.
 """
 
 import json
+import logging
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import anomalies_pb2
 from tfx import types
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
@@ -23,6 +32,7 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.utils import io_utils
 
+from components import rollback
 from models import features as F
 from models.metrics import auc
 from serving import model_config
@@ -86,24 +96,47 @@ def version_dir(base_path: str, version: Optional[int]) -> Optional[str]:
     return path if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")) else None
 
 
-def live_aucs(deployment: model_config.Deployment, records: List[bytes]) -> Dict[str, Optional[float]]:
+def score_through_server(client, model_name: str, label: str, records: List[bytes], categorical, numeric) -> np.ndarray:
+    """Click probabilities from gRPC Predict on a version label, with the raw features a client sends."""
+    from models.export import serving_inputs
+
+    scores = []
+    for i in range(0, len(records), SCORE_BATCH):
+        inputs = serving_inputs(records[i:i + SCORE_BATCH], categorical, numeric)
+        scores.append(client.predict(model_name, inputs, label=label)["probability"])
+    return np.concatenate(scores) if scores else np.zeros([0])
+
+
+def live_aucs(deployment: model_config.Deployment, records: List[bytes], client=None, categorical=(),
+              numeric=()) -> Dict[str, Optional[float]]:
     labels = labels_of(records)
-    out = {}
-    for name, version in (("live_auc", deployment.stable), ("previous_auc", deployment.previous)):
+    out = {"measured_by": "server" if client is not None else "saved_model"}
+    for name, label, version in (("live_auc", model_config.STABLE, deployment.stable),
+                                 ("previous_auc", model_config.PREVIOUS, deployment.previous)):
         path = version_dir(deployment.base_path, version)
-        out[name] = auc(labels, score_saved_model(path, records)) if path else None
+        if path is None:
+            out[name] = None
+        elif client is not None:
+            out[name] = auc(labels, score_through_server(client, deployment.model_name, label, records,
+                                                         categorical, numeric))
+        else:
+            out[name] = auc(labels, score_saved_model(path, records))
     return out
 
 
-@component
-def DeploymentGuard(
-    examples: InputArtifact[standard_artifacts.Examples],
-    anomalies: InputArtifact[standard_artifacts.ExampleAnomalies],
-    serving_model: OutputArtifact[standard_artifacts.Model],
-    live_evaluation: OutputArtifact[LiveEvaluation],
-    models_config_path: Parameter[str],
-    model_name: Parameter[str],
-) -> None:
+def reachable_client(address: str):
+    from serving.client import ServingClient
+
+    client = ServingClient(address, timeout=60.0)
+    if client.is_reachable(wait=2.0):
+        return client
+    client.close()
+    return None
+
+
+def guard(examples, anomalies, schema_path: str, models_config_path: str, model_name: str,
+          serving_address: str, rollback_tolerance: float) -> dict:
+    """Everything the component does, as a plain function; returns the live-evaluation report."""
     problems = anomaly_messages(anomalies)
     span = examples.get_int_custom_property("span")
     if problems:
@@ -111,13 +144,46 @@ def DeploymentGuard(
             f"span {span} does not match the schema; nothing was trained or pushed:\n  " + "\n  ".join(problems))
 
     deployment = model_config.read_deployment(models_config_path, model_name)
-    report = {"span": span, "serving_version": None, "previous_version": None,
-              "live_auc": None, "previous_auc": None, "examples": 0}
+    report = {"span": span, "serving_version": None, "previous_version": None, "live_auc": None,
+              "previous_auc": None, "examples": 0, "rolled_back": False}
+    if deployment is None or deployment.stable is None:
+        return report
+    records = read_examples(examples)
+    categorical, numeric = F.split_columns(tfdv.load_schema_text(schema_path))
+    client = reachable_client(serving_address) if serving_address else None
+    try:
+        report.update(live_aucs(deployment, records, client, categorical, numeric))
+    finally:
+        if client is not None:
+            client.close()
+    report.update(serving_version=deployment.stable, previous_version=deployment.previous, examples=len(records))
+    live, previous = report["live_auc"], report["previous_auc"]
+    if live is not None and previous is not None and live < previous - rollback_tolerance:
+        done = rollback.roll_back(models_config_path, model_name, serving_address, reason="live AUC regressed",
+                                  span=span, live_auc=live, previous_auc=previous)
+        logging.warning("span %s: version %d has live AUC %.4f < %.4f of version %d - %.4f: rolled back (%s)",
+                        span, done.bad_version, live, previous, done.restored_version, rollback_tolerance, done.server)
+        report.update(rolled_back=True, rolled_back_version=done.bad_version,
+                      restored_version=done.restored_version, serving_version=done.restored_version)
+    return report
+
+
+@component
+def DeploymentGuard(
+    examples: InputArtifact[standard_artifacts.Examples],
+    anomalies: InputArtifact[standard_artifacts.ExampleAnomalies],
+    schema: InputArtifact[standard_artifacts.Schema],
+    serving_model: OutputArtifact[standard_artifacts.Model],
+    live_evaluation: OutputArtifact[LiveEvaluation],
+    models_config_path: Parameter[str],
+    model_name: Parameter[str],
+    serving_address: Parameter[str],
+    rollback_tolerance: Parameter[float],
+) -> None:
+    report = guard(examples, anomalies, os.path.join(schema.uri, "schema.pbtxt"), models_config_path, model_name,
+                   serving_address, rollback_tolerance)
+    deployment = model_config.read_deployment(models_config_path, model_name)
     if deployment is not None and deployment.stable is not None:
-        records = read_examples(examples)
-        report.update(live_aucs(deployment, records))
-        report.update(serving_version=deployment.stable, previous_version=deployment.previous,
-                      examples=len(records))
         stable_dir = version_dir(deployment.base_path, deployment.stable)
         if stable_dir:
             io_utils.copy_dir(stable_dir, os.path.join(serving_model.uri, "Format-Serving"))
@@ -125,7 +191,11 @@ def DeploymentGuard(
     for key, value in report.items():
         if value is None:
             continue
-        if isinstance(value, float):
+        if isinstance(value, bool):
+            live_evaluation.set_int_custom_property(key, int(value))
+        elif isinstance(value, str):
+            live_evaluation.set_string_custom_property(key, value)
+        elif isinstance(value, float):
             live_evaluation.set_float_custom_property(key, value)
         else:
             live_evaluation.set_int_custom_property(key, int(value))

@@ -104,13 +104,19 @@ def _fmt(value, digits=4) -> str:
 
 
 def span_line(record: Dict[str, Any]) -> str:
+    if record.get("event") == "rollback":
+        return f"manual rollback: v{record['rolled_back_version']} -> v{record['restored_version']}"
     if record.get("status") != "ok":
         return f"span {record['span']}: STOPPED - {record.get('error', 'unknown error')}"
     decision = "blessed" if record["blessed"] else "NOT blessed"
     push = f"pushed v{record['pushed_version']}" if record["pushed_version"] else "not pushed"
     if record.get("forced_push"):
         push += " (forced)"
+    rolled = ""
+    if record.get("rolled_back"):
+        rolled = f"ROLLED BACK v{record['rolled_back_version']} -> v{record['restored_version']}; "
     return (f"span {record['span']}: live AUC {_fmt(record['live_auc'])} (previous {_fmt(record['previous_auc'])}), "
+            f"{rolled}"
             f"candidate AUC {_fmt(record['candidate_auc'])} vs baseline {_fmt(record['baseline_auc'])}: "
             f"{decision}, {push}; serving v{_fmt(record['serving_version'])}; "
             f"{record['examples_trained']} examples, train {record['train_seconds']:.1f}s, run {record['run_seconds']:.1f}s")
@@ -226,6 +232,10 @@ def cmd_history(args) -> int:
               "blessed", "pushed", "rolled_back", "serving", "trained", "train_s", "run_s")
     rows = [header]
     for r in records:
+        if r.get("event") == "rollback":
+            rows.append(("-", "manual", "rollback", "-", "-", "-", "-", "-", "-", "yes",
+                         _fmt(r.get("restored_version")), "0", "-", "-"))
+            continue
         rows.append((str(r["span"]), r.get("mode", "-"), r.get("status", "ok"), _fmt(r.get("live_auc")),
                      _fmt(r.get("previous_auc")), _fmt(r.get("candidate_auc")), _fmt(r.get("baseline_auc")),
                      "yes" if r.get("blessed") else "no", _fmt(r.get("pushed_version")),
@@ -255,7 +265,14 @@ def cmd_status(args) -> int:
     else:
         labels = ", ".join(f"{k} -> {v}" for k, v in sorted(deployment.labels.items()))
         print(f"configured versions: {', '.join(map(str, deployment.versions))}; labels: {labels}")
-    live_by_version: Dict[int, List[float]] = {}
+    from components.rollback import rolled_back_versions
+
+    for version, details in sorted(rolled_back_versions(config.serving_dir).items()):
+        aucs = ""
+        if details.get("live_auc") is not None:
+            aucs = f" (live AUC {_fmt(details['live_auc'])} vs previous {_fmt(details['previous_auc'])})"
+        print(f"  v{version} rolled back to v{details['restored']}: {details['reason']}{aucs}")
+    live_by_version: Dict[int, List[str]] = {}
     for r in read_history(config.work_dir):
         if r.get("live_auc") is not None and r.get("live_version") is not None:
             live_by_version.setdefault(r["live_version"], []).append(f"span {r['span']}: {_fmt(r['live_auc'])}")
@@ -311,6 +328,26 @@ def cmd_tensorboard(args) -> int:
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", args.host, "--port", str(args.port)]
     print(f"TensorBoard on http://{args.host}:{args.port} over {logdir}")
     os.execv(sys.executable, command)
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from components.rollback import RollbackRefused, roll_back
+    from pipeline.local_runner import append_history, work_lock
+
+    config = load_config(args)
+    with work_lock(config.work_dir):
+        try:
+            done = roll_back(config.models_config_path, config.model_name, config.serving_address,
+                             to_version=args.to, reason="manual")
+        except RollbackRefused as e:
+            print(f"increc rollback: refused: {e}", file=sys.stderr)
+            return 2
+        append_history(config, {"event": "rollback", "span": None, "status": "ok", "manual": True,
+                                "rolled_back": True, "rolled_back_version": done.bad_version,
+                                "restored_version": done.restored_version, "serving_version": done.restored_version,
+                                "time": round(time.time(), 3)})
+    print(f"rolled back: version {done.bad_version} -> {done.restored_version} is stable ({done.server})")
     return 0
 
 
@@ -424,6 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=6006)
     p.set_defaults(func=cmd_tensorboard)
+
+    p = sub.add_parser("rollback", help="put the previous (or a named) version back as stable")
+    work_args(p, data=False)
+    p.add_argument("--to", type=int, help="the version to restore (default: the previous one)")
+    p.add_argument("--serving-address", dest="serving_address")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("up", help="start the embedded server over WORK/serving in the background")
     work_args(p, data=False)

@@ -72,7 +72,7 @@ def run_span(config: IncrecConfig, span: int) -> Dict[str, Any]:
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     from tfx import v1 as tfx
 
-    from pipeline import outcome
+    from pipeline import outcome, timeline
     from pipeline.pipeline import create_pipeline
 
     span_dir = os.path.join(config.data_dir, f"span-{span}")
@@ -93,6 +93,7 @@ def run_span(config: IncrecConfig, span: int) -> Dict[str, Any]:
             record["error"] = _root_cause(error)
             logging.debug("span %d failed", span, exc_info=error)
         append_history(config, record)
+        timeline.record_span(config.tensorboard_dir, record)
         if error is not None:
             raise SpanRunError(f"span {span}: {record['error']}", record) from error
         return record

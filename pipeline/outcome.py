@@ -110,8 +110,13 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
                 report = json.load(f)
             record.update(live_auc=report.get("live_auc"), previous_auc=report.get("previous_auc"),
                           serving_version=report.get("serving_version"),
-                          live_version=report.get("serving_version"),
-                          previous_version=report.get("previous_version"))
+                          live_version=report.get("rolled_back_version", report.get("serving_version")),
+                          previous_version=report.get("previous_version"),
+                          rolled_back=bool(report.get("rolled_back")),
+                          live_measured_by=report.get("measured_by"))
+            if report.get("rolled_back"):
+                record.update(rolled_back_version=report["rolled_back_version"],
+                              restored_version=report["restored_version"])
 
     model = get(("Trainer", "model"))
     if model is not None:

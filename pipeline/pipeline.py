@@ -93,8 +93,11 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
     validator = tfx.components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
     guard = DeploymentGuard(examples=example_gen.outputs["examples"],
                             anomalies=validator.outputs["anomalies"],
+                            schema=schema,
                             models_config_path=config.models_config_path,
-                            model_name=config.model_name)
+                            model_name=config.model_name,
+                            serving_address=config.serving_address,
+                            rollback_tolerance=config.rollback_tolerance)
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"],
         schema=schema,

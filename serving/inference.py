@@ -117,26 +117,23 @@ def _regress_results(servable: Servable, key: str, records: List[bytes], result)
         result.regressions.add().value = float(value)
 
 
-def classify(manager: mm.ModelManager, request: classification_pb2.ClassificationRequest):
+def _example_api(manager: mm.ModelManager, request, api: str, response, fill_results):
+    """Classify and Regress: resolve, check the signature, run on the serialized examples."""
     _require_spec(request)
     servable = manager.resolve(request.model_spec)
     key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    servable.signature(key, "classify")
-    response = classification_pb2.ClassificationResponse()
-    _classify_results(servable, key, serialized_examples(request.input), response.result)
+    servable.signature(key, api)
+    fill_results(servable, key, serialized_examples(request.input), response.result)
     _fill_spec(response.model_spec, request.model_spec, servable, key)
     return response
+
+
+def classify(manager: mm.ModelManager, request: classification_pb2.ClassificationRequest):
+    return _example_api(manager, request, "classify", classification_pb2.ClassificationResponse(), _classify_results)
 
 
 def regress(manager: mm.ModelManager, request: regression_pb2.RegressionRequest):
-    _require_spec(request)
-    servable = manager.resolve(request.model_spec)
-    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    servable.signature(key, "regress")
-    response = regression_pb2.RegressionResponse()
-    _regress_results(servable, key, serialized_examples(request.input), response.result)
-    _fill_spec(response.model_spec, request.model_spec, servable, key)
-    return response
+    return _example_api(manager, request, "regress", regression_pb2.RegressionResponse(), _regress_results)
 
 
 def multi_inference(manager: mm.ModelManager, request: inference_pb2.MultiInferenceRequest):

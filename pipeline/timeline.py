@@ -1,0 +1,38 @@
+"""The per-span timeline in TensorBoard (`WORK/tensorboard/timeline`): AUCs, decisions, pushes, rollbacks.
+
+One step per span: live AUC of the serving and the previous version,
+candidate and baseline AUC, and 0/1 markers for blessed, pushed and rolled
+back, plus a text line of what was decided.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+
+def record_span(tensorboard_dir: str, record: Dict[str, Any]) -> None:
+    import tensorflow as tf
+
+    span = record.get("span")
+    if span is None:
+        return
+    writer = tf.summary.create_file_writer(os.path.join(tensorboard_dir, "timeline"))
+    with writer.as_default(step=int(span)):
+        for key in ("live_auc", "previous_auc", "candidate_auc", "baseline_auc"):
+            if record.get(key) is not None:
+                tf.summary.scalar(f"auc/{key}", record[key])
+        tf.summary.scalar("decision/blessed", float(bool(record.get("blessed"))))
+        tf.summary.scalar("decision/pushed", float(record.get("pushed_version") is not None))
+        tf.summary.scalar("decision/rolled_back", float(bool(record.get("rolled_back"))))
+        tf.summary.scalar("cost/train_seconds", float(record.get("train_seconds") or 0))
+        tf.summary.scalar("cost/run_seconds", float(record.get("run_seconds") or 0))
+        tf.summary.scalar("cost/examples_trained", float(record.get("examples_trained") or 0))
+        events = []
+        if record.get("rolled_back"):
+            events.append(f"rolled back v{record['rolled_back_version']} -> v{record['restored_version']}")
+        if record.get("pushed_version"):
+            events.append(f"pushed v{record['pushed_version']}")
+        if record.get("status") != "ok":
+            events.append(f"stopped: {record.get('error', '')}")
+        tf.summary.text("decisions", "; ".join(events) or "no change")
+    writer.close()
