@@ -355,10 +355,11 @@ def cmd_up(args) -> int:
     from pipeline import serving_ops
 
     config = load_config(args)
-    pid = serving_ops.start(config, args.port, args.rest_port)
-    print(f"serving {config.model_name} from {config.models_config_path}: gRPC 127.0.0.1:{args.port}, "
-          f"REST http://127.0.0.1:{args.rest_port} (pid {pid}, log {config.serving_dir}/server.log)")
-    for line in serving_ops.demo_queries(config, args.port, args.rest_port):
+    info = serving_ops.start(config, args.port, args.rest_port)
+    state = "already running" if info.get("already_running") else "started"
+    print(f"server {state} for {config.model_name} over {config.models_config_path}: gRPC 127.0.0.1:{info['port']}, "
+          f"REST http://127.0.0.1:{info['rest_port']} (pid {info['pid']}, log {config.serving_dir}/server.log)")
+    for line in serving_ops.demo_queries(config, info["port"], info["rest_port"]):
         print(line)
     return 0
 

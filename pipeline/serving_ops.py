@@ -27,29 +27,41 @@ def server_flags(config, grpc_port: int, rest_port: int) -> List[str]:
             "--allow_version_labels_for_unavailable_models=true"]
 
 
-def start(config, grpc_port: int = 8500, rest_port: int = 8501, timeout: float = 180.0) -> int:
-    """Starts the server in the background; returns its pid once the model answers."""
+def running(config) -> Optional[dict]:
+    """{"pid", "port", "rest_port"} of the server `up` started for this work directory, if it still runs."""
+    pid_path = os.path.join(config.serving_dir, PID_FILE)
+    if not os.path.exists(pid_path):
+        return None
+    with open(pid_path) as f:
+        info = json.load(f)
+    return info if _alive(info["pid"]) else None
+
+
+def start(config, grpc_port: int = 8500, rest_port: int = 8501, timeout: float = 180.0) -> dict:
+    """Starts the server in the background (or finds the one already up); returns its pid and ports."""
     from serving.client import ServingClient
 
     if not os.path.exists(config.models_config_path):
         raise FileNotFoundError(f"nothing deployed yet: {config.models_config_path} does not exist (run a span first)")
+    existing = running(config)
+    if existing is not None:
+        return dict(existing, already_running=True)
     pid_path = os.path.join(config.serving_dir, PID_FILE)
-    if os.path.exists(pid_path) and _alive(int(open(pid_path).read())):
-        raise RuntimeError(f"a server is already running for {config.work_dir} (pid {open(pid_path).read().strip()}); "
-                           f"`increc down --work {config.work_dir}` stops it")
     log = open(os.path.join(config.serving_dir, LOG_FILE), "a")
     process = subprocess.Popen([sys.executable, "-m", "serving", *server_flags(config, grpc_port, rest_port)],
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                env=dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3"))
+    info = {"pid": process.pid, "port": grpc_port, "rest_port": rest_port}
     with open(pid_path, "w") as f:
-        f.write(str(process.pid))
+        json.dump(info, f)
     client = ServingClient(f"127.0.0.1:{grpc_port}", timeout=5)
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
+            os.remove(pid_path)
             raise RuntimeError(f"the server exited ({process.returncode}); see {log.name}")
         if client.is_reachable(wait=0.5) and client.available_versions(config.model_name):
-            return process.pid
+            return info
         time.sleep(0.5)
     stop(config)
     raise TimeoutError(f"the server did not come up within {timeout:.0f}s; see {log.name}")
@@ -65,12 +77,12 @@ def _alive(pid: int) -> bool:
 
 def stop(config) -> bool:
     pid_path = os.path.join(config.serving_dir, PID_FILE)
-    if not os.path.exists(pid_path):
+    info = running(config)
+    if os.path.exists(pid_path):
+        os.remove(pid_path)
+    if info is None:
         return False
-    pid = int(open(pid_path).read())
-    os.remove(pid_path)
-    if not _alive(pid):
-        return False
+    pid = info["pid"]
     os.kill(pid, signal.SIGTERM)
     for _ in range(100):
         if not _alive(pid):

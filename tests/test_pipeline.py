@@ -143,10 +143,18 @@ def test_raw_and_example_signatures_agree(shared_run):
     np.testing.assert_allclose(scores[:, 1], from_examples, rtol=1e-5, atol=1e-6)
 
 
-def test_tensorboard_has_a_run_per_span(shared_run):
+def test_tensorboard_has_a_run_per_span_and_a_timeline(shared_run):
     runs = list((shared_run["work"] / "tensorboard" / "train").iterdir())
     assert len(runs) == TEST_SPANS
     assert all(any(p.name.startswith("events.out.tfevents") for p in r.rglob("*")) for r in runs)
+    steps = {}
+    for events in (shared_run["work"] / "tensorboard" / "timeline").glob("events.out.tfevents*"):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                steps.setdefault(value.tag, set()).add(event.step)
+    assert steps["auc/candidate_auc"] >= set(range(1, TEST_SPANS + 1))
+    assert steps["auc/live_auc"] >= set(range(2, TEST_SPANS + 1))
+    assert {"decision/pushed", "decision/rolled_back", "decisions"} <= set(steps)
 
 
 # --- runs that must not change what serves; they reuse the shared work directory after it is done ---

@@ -47,9 +47,8 @@ def test_increc_up_serves_the_pushed_model_over_rest_and_grpc(shared_run):
         out = increc("predict", "--work", str(work), "--user", "1", "--item", "1074638", "--item", "0000000",
                      "--address", f"127.0.0.1:{grpc_port}")
         assert re.search(r"user 1 item 1074638: 0\.\d+", out.stdout) and "item 0000000" in out.stdout
-        again = increc("up", "--work", str(work), "--port", str(free_port()), "--rest-port", str(free_port()),
-                       check=False)
-        assert again.returncode != 0 and "already running" in again.stderr
+        again = increc("up", "--work", str(work), "--port", str(free_port()), "--rest-port", str(free_port()))
+        assert "server already running" in again.stdout and f"gRPC 127.0.0.1:{grpc_port}" in again.stdout
         body = {"instances": [{"user_id": "1", "item_id": "x", "genres": "", "year": float("nan")}]}
         assert 0 < rest_predict(f"http://127.0.0.1:{rest_port}", "increc", body)["predictions"][0] < 1
     finally:
