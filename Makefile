@@ -6,7 +6,7 @@ PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10.*/bin/python3.10) 
 VENV ?= .venv
 BIN := $(VENV)/bin
 export TF_USE_LEGACY_KERAS := 1
-export TF_CPP_MIN_LOG_LEVEL := 2
+export TF_CPP_MIN_LOG_LEVEL := 3
 
 DEMO_DATA ?= demo-data
 DEMO_WORK ?= demo-work

@@ -149,9 +149,10 @@ def run_spans(config, spans: List[int], show_progress: bool = True, verbose: boo
     if not verbose:
         # Libraries install root handlers at INFO while a run goes; keep their chatter out of the terminal.
         absl_logger.propagate = False
-        warnings_only = logging.StreamHandler(sys.stderr)
-        warnings_only.setLevel(logging.WARNING)
-        absl_logger.addHandler(warnings_only)
+        # TFX warns about things it handles itself (e.g. unsupported MLMD query predicates); errors only.
+        errors_only = logging.StreamHandler(sys.stderr)
+        errors_only.setLevel(logging.ERROR)
+        absl_logger.addHandler(errors_only)
     try:
         for span in spans:
             bar.set_description(f"span {span}")
