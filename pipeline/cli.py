@@ -35,6 +35,13 @@ def _quiet(verbose: bool) -> None:
     absl_logging.get_absl_handler().setLevel(logging.WARNING)
     for name in ("apache_beam", "tensorflow"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Libraries install root handlers at INFO; TFX also warns about things it handles itself
+    # (e.g. unsupported MLMD query predicates). Only errors reach the terminal.
+    absl_logger = logging.getLogger("absl")
+    absl_logger.propagate = False
+    errors_only = logging.StreamHandler(sys.stderr)
+    errors_only.setLevel(logging.ERROR)
+    absl_logger.addHandler(errors_only)
 
 
 def parse_spans(text: str) -> Tuple[int, int]:
@@ -135,7 +142,7 @@ class _ComponentProgress(logging.Handler):
             self.bar.set_postfix_str(message[len("Component "):-len(" is running.")])
 
 
-def run_spans(config, spans: List[int], show_progress: bool = True, verbose: bool = False) -> List[Dict[str, Any]]:
+def run_spans(config, spans: List[int], show_progress: bool = True) -> List[Dict[str, Any]]:
     from tqdm import tqdm
 
     from pipeline.local_runner import SpanRunError, run_span
@@ -146,13 +153,6 @@ def run_spans(config, spans: List[int], show_progress: bool = True, verbose: boo
     hook = _ComponentProgress(bar)
     absl_logger = logging.getLogger("absl")
     absl_logger.addHandler(hook)
-    if not verbose:
-        # Libraries install root handlers at INFO while a run goes; keep their chatter out of the terminal.
-        absl_logger.propagate = False
-        # TFX warns about things it handles itself (e.g. unsupported MLMD query predicates); errors only.
-        errors_only = logging.StreamHandler(sys.stderr)
-        errors_only.setLevel(logging.ERROR)
-        absl_logger.addHandler(errors_only)
     try:
         for span in spans:
             bar.set_description(f"span {span}")
@@ -199,7 +199,7 @@ def cmd_prepare(args) -> int:
 def cmd_run(args) -> int:
     config = load_config(args)
     save_config(config)
-    records = run_spans(config, [args.span], show_progress=not args.no_progress, verbose=args.verbose)
+    records = run_spans(config, [args.span], show_progress=not args.no_progress)
     return 0 if records[0].get("status") == "ok" else 1
 
 
@@ -207,8 +207,7 @@ def cmd_backfill(args) -> int:
     config = load_config(args)
     save_config(config)
     first, last = args.spans
-    records = run_spans(config, list(range(first, last + 1)), show_progress=not args.no_progress,
-                        verbose=args.verbose)
+    records = run_spans(config, list(range(first, last + 1)), show_progress=not args.no_progress)
     report = backfill_report(config.mode, records)
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
