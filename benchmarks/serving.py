@@ -12,7 +12,6 @@ Loopback only, bounded loops. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics

@@ -57,7 +57,7 @@ def parse_spans(text: str) -> Tuple[int, int]:
     return a, b
 
 
-def load_config(args) -> "IncrecConfig":
+def load_config(args):
     """The work directory's saved config, then --config, then command-line knobs."""
     from pipeline.config import IncrecConfig
 

@@ -34,6 +34,17 @@ def _custom(artifact, key: str):
     return getattr(value, kind) if kind else None
 
 
+def _artifact_json(artifact, name: str):
+    """A JSON file a component left in its output artifact, or None."""
+    if artifact is None:
+        return None
+    path = os.path.join(artifact.uri, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_artifacts(config: IncrecConfig, started: float) -> Dict[Tuple[str, str], Any]:
     """{(node_id, output_key): newest LIVE artifact} of the newest run that began after `started`."""
     if not os.path.exists(config.metadata_path):
@@ -102,33 +113,26 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
         record["rows"] = _custom(examples, "rows")
         record["bad_rows"] = _custom(examples, "bad_rows")
 
-    live = get(("DeploymentGuard", "live_evaluation"))
-    if live is not None:
-        path = os.path.join(live.uri, REPORT_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                report = json.load(f)
-            record.update(live_auc=report.get("live_auc"), previous_auc=report.get("previous_auc"),
-                          serving_version=report.get("serving_version"),
-                          live_version=report.get("rolled_back_version", report.get("serving_version")),
-                          previous_version=report.get("previous_version"),
-                          rolled_back=bool(report.get("rolled_back")),
-                          live_measured_by=report.get("measured_by"))
-            if report.get("rolled_back"):
-                record.update(rolled_back_version=report["rolled_back_version"],
-                              restored_version=report["restored_version"])
+    report = _artifact_json(get(("DeploymentGuard", "live_evaluation")), REPORT_FILE)
+    if report is not None:
+        record.update(live_auc=report.get("live_auc"), previous_auc=report.get("previous_auc"),
+                      serving_version=report.get("serving_version"),
+                      live_version=report.get("rolled_back_version", report.get("serving_version")),
+                      previous_version=report.get("previous_version"),
+                      rolled_back=bool(report.get("rolled_back")),
+                      live_measured_by=report.get("measured_by"))
+        if report.get("rolled_back"):
+            record.update(rolled_back_version=report["rolled_back_version"],
+                          restored_version=report["restored_version"])
 
     model = get(("Trainer", "model"))
-    if model is not None:
-        path = os.path.join(model.uri, SUMMARY_FILE)
-        if os.path.exists(path):
-            with open(path) as f:
-                summary = json.load(f)
-            record.update(candidate_model=os.path.join(model.uri, "Format-Serving"),
-                          examples_trained=summary["examples_trained"],
-                          train_seconds=round(summary["train_seconds"], 3),
-                          replayed_examples=summary["replayed_examples"],
-                          warm_started_from=summary["warm_started_from"])
+    summary = _artifact_json(model, SUMMARY_FILE)
+    if summary is not None:
+        record.update(candidate_model=os.path.join(model.uri, "Format-Serving"),
+                      examples_trained=summary["examples_trained"],
+                      train_seconds=round(summary["train_seconds"], 3),
+                      replayed_examples=summary["replayed_examples"],
+                      warm_started_from=summary["warm_started_from"])
 
     evaluation = get(("Evaluator", "evaluation"))
     if evaluation is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import List, Optional
+from typing import List
 
 # The real server's flags this server does not act on; accepted so command lines keep working.
 IGNORED = {

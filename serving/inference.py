@@ -6,8 +6,9 @@ and message (tf-serving-reference.md §2).
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
+import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import any_pb2
@@ -156,7 +157,8 @@ def multi_inference(manager: mm.ModelManager, request: inference_pb2.MultiInfere
         elif method == REGRESS_METHOD:
             _regress_results(servable, key, records, result.regression_result)
         else:
-            raise ServingError(__import__("grpc").StatusCode.UNIMPLEMENTED, f"Unsupported signature method_name: {method}")
+            raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
+                               f"Unsupported signature method_name: {method}")
         _fill_spec(result.model_spec, task.model_spec, servable, key)
     return response
 
@@ -215,9 +217,6 @@ def replay_warmup(servable: Servable, log) -> None:
         key = request.model_spec.signature_name or DEFAULT_SIGNATURE
         _regress_results(servable, key, serialized_examples(request.input), regression_pb2.RegressionResult())
     else:
-        raise ServingError(__import__("grpc").StatusCode.UNIMPLEMENTED,
+        raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
                            f"Unsupported log_type for warmup: {kind}")
 
-
-def tensor_dict(outputs: Dict[str, np.ndarray]):
-    return {k: tf.make_tensor_proto(v) for k, v in outputs.items()}

@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import List, Optional
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")

@@ -1,7 +1,6 @@
 """The pieces the pipeline is built from, on small inputs: fast, no TFX run."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

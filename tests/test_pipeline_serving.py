@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import regression_pb2
 
