@@ -6,6 +6,9 @@ user side tables. The interactions are sorted by time (ties keep source
 order) and cut into `DATA/span-<N>/interactions.csv`; side tables are written
 once to `DATA/items.csv` and `DATA/users.csv`, where the pipeline's Beam
 ExampleGen joins them in. Pure Python: no TensorFlow here.
+
+Malformed input is never dropped silently: it raises `IngestError` naming the
+file, the 1-based line and, where there is one, the column.
 """
 from __future__ import annotations
 
@@ -23,12 +26,26 @@ import numpy as np
 
 FORMATS = ("csv", "movielens", "movielens-100k", "movielens-1m", "movietweetings")
 DEFAULT_THRESHOLDS = {"movielens": 4.0, "movielens-100k": 4.0, "movielens-1m": 4.0, "movietweetings": 8.0}
+DEFAULT_SPANS = 10  # when neither spans nor span_by is given (the CLI's documented default)
 INTERACTION_COLUMNS = ["user_id", "item_id", "timestamp", "label"]
 ITEM_COLUMNS = ["item_id", "genres", "year"]
 USER_COLUMNS = ["user_id", "age", "gender", "occupation"]
 NO_GENRES = "(no genres listed)"
 YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
+INTEGER = re.compile(r"[+-]?\d+")
 SPAN_SECONDS = {"day": 86400, "hour": 3600}
+
+# u.item's 19 genre flag columns, in file order. "unknown" is the flag for "no genre".
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+                 "War", "Western"]
+
+# MovieLens 1M stores occupations as codes; names keep them categorical (a
+# numeric column would be read as a number by the pipeline) and match 100K's.
+ML1M_OCCUPATIONS = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+                    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+                    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+                    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer"]
 
 
 class IngestError(ValueError):
@@ -43,7 +60,7 @@ class Table:
 
 @dataclasses.dataclass
 class RawLog:
-    interactions: Table  # user_id, item_id, timestamp, label, extra feature columns
+    interactions: Table  # user_id, item_id, timestamp, label, then extra feature columns
     items: Optional[Table] = None
     users: Optional[Table] = None
 
@@ -60,16 +77,22 @@ def _read_text(path: str, encoding: str) -> str:
         raise IngestError(f"{path}: not valid {encoding} text ({e})") from None
 
 
-def _read_separated(path: str, separator: str, fields: int, encoding: str = "utf-8",
-                    min_fields: Optional[int] = None) -> List[Tuple[int, List[str]]]:
-    """(line number, fields) of a headerless file with a plain separator (`::`, tab, `|`)."""
+def _read_separated(path: str, separator: str, fields: Sequence[int],
+                    encoding: str = "utf-8") -> List[Tuple[int, List[str]]]:
+    """(line number, fields) of a headerless file with a plain separator (`::`, tab, `|`).
+
+    Splits on "\\n" only: str.splitlines() would also break at characters such
+    as U+0085, which latin-1 titles can contain, and shift every line number.
+    """
     out = []
-    for number, line in enumerate(_read_text(path, encoding).splitlines(), start=1):
+    for number, line in enumerate(_read_text(path, encoding).split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
-            continue
+            continue  # blank lines (the file's last newline included) are not rows
         parts = line.split(separator)
-        if len(parts) < (min_fields or fields) or (min_fields is None and len(parts) != fields):
-            raise IngestError(f"{path}, line {number}: expected {fields} fields separated by {separator!r}, "
+        if len(parts) not in fields:
+            expected = " or ".join(str(f) for f in fields)
+            raise IngestError(f"{path}, line {number}: expected {expected} fields separated by {separator!r}, "
                               f"found {len(parts)}")
         out.append((number, parts))
     return out
@@ -77,17 +100,25 @@ def _read_separated(path: str, separator: str, fields: int, encoding: str = "utf
 
 def _read_csv(path: str, required: Sequence[str]) -> Tuple[List[str], List[Tuple[int, Dict[str, str]]]]:
     """Header and (line, row) of a CSV file with a header; quoted fields may hold commas and newlines."""
-    reader = csv.reader(io.StringIO(_read_text(path, "utf-8"), newline=""))
+    # utf-8-sig: a byte-order mark would otherwise become part of the first column's name.
+    reader = csv.reader(io.StringIO(_read_text(path, "utf-8-sig"), newline=""))
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         raise IngestError(f"{path}: the file is empty (a header row is required)") from None
+    except csv.Error as e:
+        raise IngestError(f"{path}, line 1: unparseable CSV header ({e})") from None
     missing = [c for c in required if c not in header]
     if missing:
-        raise IngestError(f"{path}, line 1: missing required column(s) {', '.join(missing)}")
+        raise IngestError(f"{path}, line 1: missing required column(s) {', '.join(missing)} "
+                          f"(header: {', '.join(header)})")
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:
+        raise IngestError(f"{path}, line 1: duplicate column name(s) {', '.join(duplicated)}")
     rows, next_line = [], reader.line_num + 1
     try:
         for record in reader:
+            # A quoted field can span lines: the row starts where the previous one ended.
             start, next_line = next_line, reader.line_num + 1
             if not record or all(not v.strip() for v in record):
                 continue
@@ -99,33 +130,56 @@ def _read_csv(path: str, required: Sequence[str]) -> Tuple[List[str], List[Tuple
     return header, rows
 
 
-def _timestamp(value: str, path: str, line: int) -> str:
-    try:
-        return str(int(value.strip()))
-    except ValueError:
-        raise IngestError(f"{path}, line {line}, column timestamp: {value!r} is not an integer "
-                          f"(Unix seconds)") from None
-
-
-def _label_from_rating(value: str, threshold: float, path: str, line: int) -> str:
-    try:
-        rating = float(value)
-    except ValueError:
-        raise IngestError(f"{path}, line {line}, column rating: {value!r} is not a number") from None
-    if not math.isfinite(rating):
-        raise IngestError(f"{path}, line {line}, column rating: {value!r} is not a number")
-    return "1" if rating >= threshold else "0"
-
+# --- checking values ---
 
 def _id(value: str, column: str, path: str, line: int) -> str:
+    # Ids stay strings (MovieTweetings' "0104257" keeps its zero); only surrounding
+    # blanks go, as the pipeline's ExampleGen strips them too.
     value = value.strip()
     if not value:
         raise IngestError(f"{path}, line {line}, column {column}: empty {column}")
     return value
 
 
-def _interaction(path, line, user, item, timestamp, label) -> List[str]:
-    return [_id(user, "user_id", path, line), _id(item, "item_id", path, line), _timestamp(timestamp, path, line), label]
+def _timestamp(value: str, path: str, line: int) -> str:
+    if not INTEGER.fullmatch(value.strip()):
+        raise IngestError(f"{path}, line {line}, column timestamp: {value!r} is not an integer (Unix seconds)")
+    return str(int(value))
+
+
+def _label_from_rating(value: str, threshold: float, path: str, line: int) -> str:
+    try:
+        rating = float(value)
+    except ValueError:
+        rating = math.nan
+    if not math.isfinite(rating):
+        raise IngestError(f"{path}, line {line}, column rating: {value!r} is not a number")
+    return "1" if rating >= threshold else "0"
+
+
+def _label(value: str, path: str, line: int) -> str:
+    label = value.strip()
+    if label not in ("0", "1"):
+        raise IngestError(f"{path}, line {line}, column label: {value!r} is not 0 or 1")
+    return label
+
+
+def _interaction(path: str, line: int, user: str, item: str, timestamp: str, label: str) -> List[str]:
+    return [_id(user, "user_id", path, line), _id(item, "item_id", path, line),
+            _timestamp(timestamp, path, line), label]
+
+
+def _side_table(path: str, columns: List[str], numbered_rows: List[Tuple[int, List[str]]], key: str) -> Table:
+    """A side table; the pipeline's join needs every key present and unique."""
+    at, first_seen, rows = columns.index(key), {}, []
+    for line, row in numbered_rows:
+        row[at] = _id(row[at], key, path, line)
+        if row[at] in first_seen:
+            raise IngestError(f"{path}, line {line}, column {key}: duplicate {key} {row[at]!r} "
+                              f"(first on line {first_seen[row[at]]})")
+        first_seen[row[at]] = line
+        rows.append(row)
+    return Table(columns, rows)
 
 
 def _title_year(title: str) -> str:
@@ -137,9 +191,9 @@ def _locate(input_path: str, names: Sequence[str]) -> Tuple[str, str]:
     """(directory, ratings file) for an input that is either the data set's directory or its ratings file."""
     if os.path.isdir(input_path):
         for name in names:
-            if os.path.exists(os.path.join(input_path, name)):
+            if os.path.isfile(os.path.join(input_path, name)):
                 return input_path, os.path.join(input_path, name)
-        raise IngestError(f"{input_path}: none of {', '.join(names)} found")
+        raise IngestError(f"{input_path}: no {' or '.join(names)} in this directory")
     if not os.path.exists(input_path):
         raise IngestError(f"{input_path}: no such file or directory")
     return os.path.dirname(os.path.abspath(input_path)), input_path
@@ -154,13 +208,12 @@ def read_generic_csv(input_path: str, threshold: Optional[float]) -> RawLog:
         raise IngestError(f"{path}, line 1: needs a 'label' (0/1) or a 'rating' column")
     if "label" not in header and threshold is None:
         raise IngestError(f"{path}: has ratings but no labels; pass --label-threshold")
+    # The rating is left out of the features: it would give the label away.
     extra = [c for c in header if c not in ("user_id", "item_id", "timestamp", "label", "rating")]
     out = []
     for line, row in rows:
         if "label" in header:
-            label = row["label"].strip()
-            if label not in ("0", "1"):
-                raise IngestError(f"{path}, line {line}, column label: {label!r} is not 0 or 1")
+            label = _label(row["label"], path, line)
         else:
             label = _label_from_rating(row["rating"], threshold, path, line)
         out.append(_interaction(path, line, row["user_id"], row["item_id"], row["timestamp"], label)
@@ -168,16 +221,10 @@ def read_generic_csv(input_path: str, threshold: Optional[float]) -> RawLog:
     log = RawLog(Table(INTERACTION_COLUMNS + extra, out))
     for name, key, attribute in (("items.csv", "item_id", "items"), ("users.csv", "user_id", "users")):
         side = os.path.join(directory, name)
-        if os.path.exists(side) and os.path.abspath(side) != os.path.abspath(path):
+        if os.path.isfile(side) and os.path.abspath(side) != os.path.abspath(path):
             side_header, side_rows = _read_csv(side, (key,))
-            seen = {}
-            for line, row in side_rows:
-                k = _id(row[key], key, side, line)
-                if k in seen:
-                    raise IngestError(f"{side}, line {line}, column {key}: duplicate {key} {k!r} "
-                                      f"(first on line {seen[k]})")
-                seen[k] = line
-            setattr(log, attribute, Table(side_header, [[row[c] for c in side_header] for _, row in side_rows]))
+            setattr(log, attribute, _side_table(side, side_header, [(line, [r[c] for c in side_header])
+                                                                    for line, r in side_rows], key))
     return log
 
 
@@ -188,71 +235,74 @@ def read_movielens(input_path: str, threshold: float) -> RawLog:
                                  _label_from_rating(r["rating"], threshold, path, line)) for line, r in rows]
     items = None
     movies = os.path.join(directory, "movies.csv")
-    if os.path.exists(movies):
+    if os.path.isfile(movies):
         _, movie_rows = _read_csv(movies, ("movieId", "title", "genres"))
-        items = Table(ITEM_COLUMNS, [[r["movieId"].strip(), "" if r["genres"] == NO_GENRES else r["genres"],
-                                      _title_year(r["title"])] for _, r in movie_rows])
+        items = _side_table(movies, ITEM_COLUMNS, [
+            (line, [r["movieId"], "" if r["genres"].strip() == NO_GENRES else r["genres"].strip(),
+                    _title_year(r["title"])]) for line, r in movie_rows], "item_id")
     return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items)
-
-
-ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western"]
 
 
 def read_movielens_100k(input_path: str, threshold: float) -> RawLog:
     directory, path = _locate(input_path, ["u.data"])
     interactions = [_interaction(path, line, p[0], p[1], p[3], _label_from_rating(p[2], threshold, path, line))
-                    for line, p in _read_separated(path, "\t", 4)]
+                    for line, p in _read_separated(path, "\t", [4])]
     items = users = None
     item_path = os.path.join(directory, "u.item")
-    if os.path.exists(item_path):
+    if os.path.isfile(item_path):
+        # id|title|release date|video release date|IMDb URL|19 genre flags
         rows = []
-        for line, p in _read_separated(item_path, "|", 5 + len(ML100K_GENRES), encoding="latin-1"):
-            flags = p[5:5 + len(ML100K_GENRES)]
-            genres = [g for g, flag in zip(ML100K_GENRES, flags) if flag.strip() == "1" and g != "unknown"]
-            release = p[2].strip()
-            rows.append([p[0].strip(), "|".join(genres), release[-4:] if re.search(r"\d{4}$", release) else ""])
-        items = Table(ITEM_COLUMNS, rows)
+        for line, p in _read_separated(item_path, "|", [5 + len(ML100K_GENRES)], encoding="latin-1"):
+            genres = [g for g, flag in zip(ML100K_GENRES, p[5:]) if flag.strip() == "1" and g != "unknown"]
+            rows.append((line, [p[0], "|".join(genres), _title_year(p[1])]))
+        items = _side_table(item_path, ITEM_COLUMNS, rows, "item_id")
     user_path = os.path.join(directory, "u.user")
-    if os.path.exists(user_path):
-        users = Table(USER_COLUMNS, [[p[0].strip(), p[1].strip(), p[2].strip(), p[3].strip()]
-                                     for _, p in _read_separated(user_path, "|", 5, encoding="latin-1")])
+    if os.path.isfile(user_path):
+        # id|age|gender|occupation|zip: the zip code is left out (identifying, not a taste).
+        users = _side_table(user_path, USER_COLUMNS, [
+            (line, [p[0], p[1].strip(), p[2].strip(), p[3].strip()])
+            for line, p in _read_separated(user_path, "|", [5], encoding="latin-1")], "user_id")
     return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items, users=users)
 
 
 def read_movielens_1m(input_path: str, threshold: float) -> RawLog:
     directory, path = _locate(input_path, ["ratings.dat"])
     interactions = [_interaction(path, line, p[0], p[1], p[3], _label_from_rating(p[2], threshold, path, line))
-                    for line, p in _read_separated(path, "::", 4, encoding="latin-1")]
+                    for line, p in _read_separated(path, "::", [4], encoding="latin-1")]
     items = users = None
     movies = os.path.join(directory, "movies.dat")
-    if os.path.exists(movies):
-        items = Table(ITEM_COLUMNS, [[p[0].strip(), p[2].strip(), _title_year(p[1])]
-                                     for _, p in _read_separated(movies, "::", 3, encoding="latin-1")])
+    if os.path.isfile(movies):
+        items = _side_table(movies, ITEM_COLUMNS, [
+            (line, [p[0], p[2].strip(), _title_year(p[1])])
+            for line, p in _read_separated(movies, "::", [3], encoding="latin-1")], "item_id")
     user_path = os.path.join(directory, "users.dat")
-    if os.path.exists(user_path):
-        # UserID::Gender::Age::Occupation::Zip
-        users = Table(USER_COLUMNS, [[p[0].strip(), p[2].strip(), p[1].strip(), p[3].strip()]
-                                     for _, p in _read_separated(user_path, "::", 5, encoding="latin-1")])
+    if os.path.isfile(user_path):
+        # UserID::Gender::Age::Occupation::Zip; the zip code is left out.
+        rows = []
+        for line, p in _read_separated(user_path, "::", [5], encoding="latin-1"):
+            code = p[3].strip()
+            occupation = ML1M_OCCUPATIONS[int(code)] if code.isdigit() and int(code) < len(ML1M_OCCUPATIONS) \
+                else code
+            rows.append((line, [p[0], p[2].strip(), p[1].strip(), occupation]))
+        users = _side_table(user_path, USER_COLUMNS, rows, "user_id")
     return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items, users=users)
 
 
 def read_movietweetings(input_path: str, threshold: float) -> RawLog:
     directory, path = _locate(input_path, ["ratings.dat"])
     interactions = [_interaction(path, line, p[0], p[1], p[3], _label_from_rating(p[2], threshold, path, line))
-                    for line, p in _read_separated(path, "::", 4)]
+                    for line, p in _read_separated(path, "::", [4])]
     items = None
+    # The snapshots call the file movies.dat; the project's README calls it items.dat.
     for name in ("movies.dat", "items.dat"):
         movies = os.path.join(directory, name)
-        if os.path.exists(movies):
-            # Some titles are missing genres entirely: the third field may be absent.
-            rows = []
-            for _, p in _read_separated(movies, "::", 3, min_fields=2):
-                rows.append([p[0].strip(), p[2].strip() if len(p) > 2 else "", _title_year(p[1])])
-            items = Table(ITEM_COLUMNS, rows)
+        if os.path.isfile(movies):
+            # A title without genres may also lack the third field.
+            items = _side_table(movies, ITEM_COLUMNS, [
+                (line, [p[0], p[2].strip() if len(p) > 2 else "", _title_year(p[1])])
+                for line, p in _read_separated(movies, "::", [2, 3])], "item_id")
             break
-    # users.dat maps ids to Twitter ids: nothing to learn from, not kept.
+    # users.dat only maps user ids to Twitter ids: nothing to learn from, so no users table.
     return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items)
 
 
@@ -263,21 +313,22 @@ READERS = {"csv": read_generic_csv, "movielens": read_movielens, "movielens-100k
 # --- cutting spans ---
 
 def span_boundaries(timestamps: np.ndarray, spans: Optional[int], span_by: Optional[str]) -> List[np.ndarray]:
-    """Index arrays (into time-sorted rows) of each span."""
+    """Index arrays, into time-sorted rows, of each span in order."""
     n = len(timestamps)
     if spans is not None:
         if spans < 1:
             raise IngestError(f"--spans must be at least 1, got {spans}")
         if spans > n:
-            raise IngestError(f"cannot cut {n} rows into {spans} spans")
-        return [chunk for chunk in np.array_split(np.arange(n), spans)]
+            raise IngestError(f"cannot cut {n} rows into {spans} spans (more spans than rows)")
+        return list(np.array_split(np.arange(n), spans))
+    # Floor division buckets by UTC day/hour; only buckets with data become spans.
     buckets = timestamps // SPAN_SECONDS[span_by]
     _, starts = np.unique(buckets, return_index=True)
-    return [idx for idx in np.split(np.arange(n), starts[1:])]
+    return list(np.split(np.arange(n), starts[1:]))
 
 
 def span_dirs(data_dir: str) -> List[int]:
-    """Span numbers present under data_dir, ascending."""
+    """Span numbers present under data_dir (`span-<N>/` directories), ascending."""
     if not os.path.isdir(data_dir):
         return []
     return sorted(int(name[5:]) for name in os.listdir(data_dir)
@@ -286,6 +337,7 @@ def span_dirs(data_dir: str) -> List[int]:
 
 
 def _write_table(path: str, table: Table) -> None:
+    # The csv module quotes values with commas, quotes or newlines, so they read back unchanged.
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(table.columns)
@@ -294,29 +346,35 @@ def _write_table(path: str, table: Table) -> None:
 
 def prepare(fmt: str, input_path: str, out_dir: str, spans: Optional[int] = None, span_by: Optional[str] = None,
             label_threshold: Optional[float] = None, overwrite: bool = False) -> dict:
-    """Reads a raw log and writes spans, side tables and manifest.json; returns the manifest."""
+    """Reads a raw log and writes spans, side tables and manifest.json under out_dir; returns the manifest."""
     if fmt not in READERS:
         raise IngestError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
-    if spans is None and span_by is None:
-        spans = 10
     if spans is not None and span_by is not None:
         raise IngestError("give either --spans or --span-by, not both")
+    if spans is None and span_by is None:
+        spans = DEFAULT_SPANS
     if span_by is not None and span_by not in SPAN_SECONDS:
         raise IngestError(f"--span-by must be day or hour, got {span_by!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise IngestError(f"{out_dir}: exists and is not a directory")
     if span_dirs(out_dir) and not overwrite:
-        raise IngestError(f"{out_dir} already holds spans; pass --overwrite to replace them")
+        raise IngestError(f"{out_dir} already holds spans {span_dirs(out_dir)}; pass --overwrite to replace them")
     threshold = label_threshold if label_threshold is not None else DEFAULT_THRESHOLDS.get(fmt)
+    threshold = None if threshold is None else float(threshold)
+
+    # Everything is read and checked before anything under out_dir changes.
     log = READERS[fmt](input_path, threshold)
     rows = log.interactions.rows
     if not rows:
         raise IngestError(f"{input_path}: no interactions")
-
     timestamps = np.array([int(r[2]) for r in rows], dtype=np.int64)
-    order = np.argsort(timestamps, kind="stable")
+    order = np.argsort(timestamps, kind="stable")  # stable: equal timestamps keep source order
     timestamps = timestamps[order]
     sorted_rows = [rows[i] for i in order]
+    cuts = span_boundaries(timestamps, spans, span_by)
 
     os.makedirs(out_dir, exist_ok=True)
+    # Old spans and side tables go, so a shorter new cut leaves no stale span behind.
     for number in span_dirs(out_dir):
         shutil.rmtree(os.path.join(out_dir, f"span-{number}"))
     for name in ("items.csv", "users.csv"):
@@ -324,10 +382,10 @@ def prepare(fmt: str, input_path: str, out_dir: str, spans: Optional[int] = None
             os.remove(os.path.join(out_dir, name))
 
     manifest_spans = []
-    for number, index in enumerate(span_boundaries(timestamps, spans, span_by), start=1):
+    for number, index in enumerate(cuts, start=1):
         span_rows = [sorted_rows[i] for i in index]
-        os.makedirs(os.path.join(out_dir, f"span-{number}"))
         relative = f"span-{number}/interactions.csv"
+        os.makedirs(os.path.join(out_dir, f"span-{number}"))
         _write_table(os.path.join(out_dir, relative), Table(log.interactions.columns, span_rows))
         manifest_spans.append({"span": number, "rows": len(span_rows),
                                "positives": sum(r[3] == "1" for r in span_rows),
@@ -339,6 +397,7 @@ def prepare(fmt: str, input_path: str, out_dir: str, spans: Optional[int] = None
         _write_table(os.path.join(out_dir, "users.csv"), log.users)
     manifest = {"format": fmt, "source": input_path, "label_threshold": threshold, "spans": manifest_spans,
                 "rows": len(rows), "items_table": log.items is not None, "users_table": log.users is not None}
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+    with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
+        f.write("\n")
     return manifest

@@ -1,4 +1,8 @@
-"""`increc prepare`: every format, span boundaries, and errors that name file and line."""
+"""`increc prepare`: every format, span cuts and boundaries, side tables, and errors that name file and line.
+
+Each test writes its own few-line raw files into tmp_path, so what is being
+checked sits next to the data it is checked on.
+"""
 from __future__ import annotations
 
 import csv
@@ -11,159 +15,371 @@ import pytest
 from components import ingest
 from tests.conftest import REPO, increc
 
+BUNDLED = REPO / "data" / "movietweetings-100k"
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding=encoding, newline="") as f:
+        f.write(text)
+    return path
+
+
+def read_csv(path: Path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
 
 def read_spans(out: Path):
-    spans = {}
-    for number in ingest.span_dirs(str(out)):
-        with open(out / f"span-{number}" / "interactions.csv", newline="", encoding="utf-8") as f:
-            spans[number] = list(csv.DictReader(f))
-    return spans
+    return {n: read_csv(out / f"span-{n}" / "interactions.csv") for n in ingest.span_dirs(str(out))}
 
 
 def assert_ordered_and_complete(out: Path, expected_rows):
-    """Spans are time-ordered and together hold every (user, item, timestamp) exactly once."""
+    """Spans are numbered 1..K, time-ordered, and together hold every (user, item, timestamp) exactly once."""
     spans = read_spans(out)
     assert list(spans) == list(range(1, len(spans) + 1))
-    for a, b in zip(spans.values(), list(spans.values())[1:]):
-        assert max(int(r["timestamp"]) for r in a) <= min(int(r["timestamp"]) for r in b)
+    assert all(spans.values()), "no span is empty"
+    for earlier, later in zip(list(spans.values()), list(spans.values())[1:]):
+        assert max(int(r["timestamp"]) for r in earlier) <= min(int(r["timestamp"]) for r in later)
     got = Counter((r["user_id"], r["item_id"], r["timestamp"]) for rows in spans.values() for r in rows)
     assert got == Counter(expected_rows)
     return spans
 
 
-def write(path: Path, text: str, encoding="utf-8") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding=encoding)
-    return path
+def labels(spans):
+    """{(user, item): label} over all spans."""
+    return {(r["user_id"], r["item_id"]): r["label"] for rows in spans.values() for r in rows}
 
 
-def test_movietweetings_keeps_leading_zeros_and_labels_at_8(tmp_path):
+# --- formats ---
+
+def test_movietweetings_keeps_leading_zeros_labels_at_8_and_no_twitter_ids(tmp_path):
     src = tmp_path / "mt"
     write(src / "ratings.dat", "1::0104257::8::300\n2::0104257::7::100\n1::1074638::10::200\n3::0000001::0::400\n")
-    write(src / "movies.dat", "0104257::A Few Good Men (1992)::Crime|Drama\n1074638::Untitled::\n0000001::Odd\n")
-    manifest = ingest.prepare("movietweetings", str(src), str(tmp_path / "out"), spans=2)
-    spans = assert_ordered_and_complete(tmp_path / "out", [("2", "0104257", "100"), ("1", "1074638", "200"),
-                                                          ("1", "0104257", "300"), ("3", "0000001", "400")])
-    assert [r["label"] for r in spans[1] + spans[2]] == ["0", "1", "1", "0"]
-    assert "rating" not in spans[1][0]
-    items = list(csv.DictReader(open(tmp_path / "out" / "items.csv")))
-    assert items[0] == {"item_id": "0104257", "genres": "Crime|Drama", "year": "1992"}
-    assert items[1]["year"] == "" and items[2]["genres"] == ""
-    assert manifest["spans"][0]["rows"] == 2 and manifest["label_threshold"] == 8.0
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    write(src / "movies.dat", "0104257::A Few Good Men (1992)::Crime|Drama\n"
+                              "1074638::Untitled::\n"
+                              "0000001::Odd (2013)\n")
+    write(src / "users.dat", "1::177651718\n2::555000111\n3::123456789\n")
+    out = tmp_path / "out"
+    manifest = ingest.prepare("movietweetings", str(src), str(out), spans=2)
+
+    spans = assert_ordered_and_complete(out, [("2", "0104257", "100"), ("1", "1074638", "200"),
+                                              ("1", "0104257", "300"), ("3", "0000001", "400")])
+    assert labels(spans) == {("2", "0104257"): "0", ("1", "1074638"): "1", ("1", "0104257"): "1",
+                             ("3", "0000001"): "0"}
+    assert list(spans[1][0]) == ["user_id", "item_id", "timestamp", "label"], "the rating is not a column"
+    assert read_csv(out / "items.csv") == [
+        {"item_id": "0104257", "genres": "Crime|Drama", "year": "1992"},
+        {"item_id": "1074638", "genres": "", "year": ""},
+        {"item_id": "0000001", "genres": "", "year": "2013"},
+    ]
+    assert not (out / "users.csv").exists()
+    assert "177651718" not in "".join(p.read_text() for p in out.rglob("*.csv")), "Twitter ids stay out"
+    assert manifest == {
+        "format": "movietweetings", "source": str(src), "label_threshold": 8.0,
+        "spans": [{"span": 1, "rows": 2, "positives": 1, "min_timestamp": 100, "max_timestamp": 200,
+                   "path": "span-1/interactions.csv"},
+                  {"span": 2, "rows": 2, "positives": 1, "min_timestamp": 300, "max_timestamp": 400,
+                   "path": "span-2/interactions.csv"}],
+        "rows": 4, "items_table": True, "users_table": False}
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_movietweetings_accepts_the_ratings_file_and_a_threshold_override(tmp_path):
+    src = tmp_path / "mt"
+    write(src / "ratings.dat", "1::0000042::6::10\n2::0000042::5::20\n")
+    manifest = ingest.prepare("movietweetings", str(src / "ratings.dat"), str(tmp_path / "out"), spans=1,
+                              label_threshold=6)
+    spans = assert_ordered_and_complete(tmp_path / "out", [("1", "0000042", "10"), ("2", "0000042", "20")])
+    assert [r["label"] for r in spans[1]] == ["1", "0"]
+    assert manifest["label_threshold"] == 6.0 and manifest["source"] == str(src / "ratings.dat")
+    assert manifest["items_table"] is False and not (tmp_path / "out" / "items.csv").exists()
 
 
 def test_movielens_latest_csv(tmp_path):
     src = tmp_path / "ml"
-    write(src / "ratings.csv", "userId,movieId,rating,timestamp\n1,10,4.0,50\n1,20,3.5,40\n2,10,5,60\n")
-    write(src / "movies.csv", 'movieId,title,genres\n10,"Heat, The (1995)",Action|Crime\n20,X,(no genres listed)\n')
-    ingest.prepare("movielens", str(src), str(tmp_path / "out"), spans=3)
-    spans = assert_ordered_and_complete(tmp_path / "out", [("1", "20", "40"), ("1", "10", "50"), ("2", "10", "60")])
-    assert [s[0]["label"] for s in spans.values()] == ["0", "1", "1"]
-    items = {r["item_id"]: r for r in csv.DictReader(open(tmp_path / "out" / "items.csv"))}
-    assert items["10"]["year"] == "1995" and items["20"]["genres"] == ""
+    write(src / "ratings.csv", "userId,movieId,rating,timestamp\n"
+                               "1,10,4.0,50\n1,20,3.5,40\n2,10,5,60\n2,30,3.99,70\n")
+    write(src / "movies.csv", "movieId,title,genres\n"
+                              '10,"Heat, The (1995)",Action|Crime\n'
+                              "20,Babylon 5,(no genres listed)\n"
+                              "30,Superman/Doomsday (2007) ,Animation\n")
+    manifest = ingest.prepare("movielens", str(src), str(tmp_path / "out"), spans=2)
+    spans = assert_ordered_and_complete(tmp_path / "out", [("1", "20", "40"), ("1", "10", "50"),
+                                                           ("2", "10", "60"), ("2", "30", "70")])
+    assert labels(spans) == {("1", "20"): "0", ("1", "10"): "1", ("2", "10"): "1", ("2", "30"): "0"}
+    assert "rating" not in spans[1][0]
+    assert read_csv(tmp_path / "out" / "items.csv") == [
+        {"item_id": "10", "genres": "Action|Crime", "year": "1995"},
+        {"item_id": "20", "genres": "", "year": ""},
+        {"item_id": "30", "genres": "Animation", "year": "2007"},
+    ]
+    assert manifest["label_threshold"] == 4.0 and not manifest["users_table"]
 
 
-def test_movielens_100k_with_users_and_genre_flags(tmp_path):
+def test_movielens_100k_genre_flags_title_year_and_users_without_zip(tmp_path):
     src = tmp_path / "ml100k"
-    write(src / "u.data", "1\t5\t4\t30\n2\t5\t2\t10\n")
-    flags = "|".join(["0", "1", "0", "0", "0", "1"] + ["0"] * 13)
-    write(src / "u.item", f"5|Toy Story (1995)|01-Jan-1995||http://x|{flags}\n", encoding="latin-1")
+    write(src / "u.data", "1\t5\t4\t30\n2\t5\t3\t10\n2\t6\t5\t20\n")
+    action_comedy = "|".join(["0", "1", "0", "0", "0", "1"] + ["0"] * 13)
+    unknown_only = "|".join(["1"] + ["0"] * 18)
+    # \x85 is a latin-1 character that str.splitlines() would take for a line break.
+    write(src / "u.item", f"5|Toy Story (1995)|01-Jan-1995||http://x|{action_comedy}\n"
+                          f"6|Caf\xe9 \x85 Noir|||http://y|{unknown_only}\n", encoding="latin-1")
     write(src / "u.user", "1|24|M|technician|85711\n2|53|F|other|94043\n", encoding="latin-1")
-    ingest.prepare("movielens-100k", str(src / "u.data"), str(tmp_path / "out"), spans=1)
-    assert_ordered_and_complete(tmp_path / "out", [("2", "5", "10"), ("1", "5", "30")])
-    items = list(csv.DictReader(open(tmp_path / "out" / "items.csv")))
-    assert items == [{"item_id": "5", "genres": "Action|Comedy", "year": "1995"}]
-    users = list(csv.DictReader(open(tmp_path / "out" / "users.csv")))
-    assert users[0] == {"user_id": "1", "age": "24", "gender": "M", "occupation": "technician"}, "no zip codes"
+    out = tmp_path / "out"
+    manifest = ingest.prepare("movielens-100k", str(src / "u.data"), str(out), spans=3)
+
+    spans = assert_ordered_and_complete(out, [("2", "5", "10"), ("2", "6", "20"), ("1", "5", "30")])
+    assert labels(spans) == {("2", "5"): "0", ("2", "6"): "1", ("1", "5"): "1"}
+    assert read_csv(out / "items.csv") == [{"item_id": "5", "genres": "Action|Comedy", "year": "1995"},
+                                           {"item_id": "6", "genres": "", "year": ""}]
+    assert read_csv(out / "users.csv") == [
+        {"user_id": "1", "age": "24", "gender": "M", "occupation": "technician"},
+        {"user_id": "2", "age": "53", "gender": "F", "occupation": "other"},
+    ]
+    assert "85711" not in (out / "users.csv").read_text(), "no zip codes"
+    assert manifest["items_table"] and manifest["users_table"]
 
 
-def test_movielens_1m(tmp_path):
+def test_movielens_1m_latin1_users_and_occupation_names(tmp_path):
     src = tmp_path / "ml1m"
-    write(src / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n", encoding="latin-1")
-    write(src / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n661::James (1996)::Animation\n",
-          encoding="latin-1")
-    write(src / "users.dat", "1::F::1::10::48067\n", encoding="latin-1")
-    ingest.prepare("movielens-1m", str(src), str(tmp_path / "out"), spans=2)
-    spans = assert_ordered_and_complete(tmp_path / "out", [("1", "1193", "978300760"), ("1", "661", "978302109")])
-    assert spans[1][0]["label"] == "1" and spans[2][0]["label"] == "0"
-    users = list(csv.DictReader(open(tmp_path / "out" / "users.csv")))
-    assert users == [{"user_id": "1", "age": "1", "gender": "F", "occupation": "10"}]
+    write(src / "ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978300761\n")
+    write(src / "movies.dat", "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+                              "661::Caf\xe9 Society (1996)::Animation|Children's\n", encoding="latin-1")
+    write(src / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n", encoding="latin-1")
+    out = tmp_path / "out"
+    ingest.prepare("movielens-1m", str(src), str(out), spans=2)
+
+    spans = assert_ordered_and_complete(out, [("1", "1193", "978300760"), ("2", "1193", "978300761"),
+                                              ("1", "661", "978302109")])
+    assert [len(rows) for rows in spans.values()] == [2, 1]
+    assert labels(spans) == {("1", "1193"): "1", ("2", "1193"): "1", ("1", "661"): "0"}
+    assert read_csv(out / "items.csv") == [
+        {"item_id": "1193", "genres": "Drama", "year": "1975"},
+        {"item_id": "661", "genres": "Animation|Children's", "year": "1996"},
+    ]
+    assert read_csv(out / "users.csv") == [
+        {"user_id": "1", "age": "1", "gender": "F", "occupation": "K-12 student"},
+        {"user_id": "2", "age": "56", "gender": "M", "occupation": "self-employed"},
+    ]
+    assert "48067" not in (out / "users.csv").read_text(), "no zip codes"
 
 
-def test_generic_csv_keeps_features_quoting_and_side_tables(tmp_path):
+def test_generic_csv_keeps_features_quoting_ids_and_side_tables(tmp_path):
     src = tmp_path / "raw"
     write(src / "interactions.csv", 'user_id,item_id,timestamp,rating,device,note\n'
-                                    'u1,i1,5,4.5,phone,"hello, ""world"""\n'
-                                    'u2,i2,3,1,web,"two\nlines"\n')
-    write(src / "items.csv", "item_id,genres\ni1,A|B\n")
-    write(src / "users.csv", "user_id,country\nu1,BE\n")
-    ingest.prepare("csv", str(src / "interactions.csv"), str(tmp_path / "out"), spans=1, label_threshold=4)
-    rows = read_spans(tmp_path / "out")[1]
+                                    'u1,007,5,4.5,phone,"hello, ""world"""\n'
+                                    'u2,i2,3,1,web,"two\nlines"\n'
+                                    'u1,i2,4,4,web,\n')
+    write(src / "items.csv", 'item_id,genres,blurb\n007,A|B,"spy, British"\ni2,,\n')
+    write(src / "users.csv", "country,user_id\nBE,u1\nFR,u2\n")
+    out = tmp_path / "out"
+    manifest = ingest.prepare("csv", str(src / "interactions.csv"), str(out), spans=1, label_threshold=4)
+
+    rows = read_spans(out)[1]
     assert list(rows[0]) == ["user_id", "item_id", "timestamp", "label", "device", "note"]
-    assert rows[0]["note"] == "two\nlines" and rows[1]["note"] == 'hello, "world"'
-    assert [r["label"] for r in rows] == ["0", "1"]
-    assert (tmp_path / "out" / "items.csv").read_text().startswith("item_id,genres")
-    assert (tmp_path / "out" / "users.csv").exists()
+    assert [(r["user_id"], r["item_id"], r["label"], r["device"], r["note"]) for r in rows] == [
+        ("u2", "i2", "0", "web", "two\nlines"),
+        ("u1", "i2", "1", "web", ""),
+        ("u1", "007", "1", "phone", 'hello, "world"'),
+    ]
+    assert read_csv(out / "items.csv") == [{"item_id": "007", "genres": "A|B", "blurb": "spy, British"},
+                                           {"item_id": "i2", "genres": "", "blurb": ""}]
+    assert read_csv(out / "users.csv") == [{"country": "BE", "user_id": "u1"}, {"country": "FR", "user_id": "u2"}]
+    assert manifest["items_table"] and manifest["users_table"] and manifest["label_threshold"] == 4.0
 
 
-@pytest.mark.parametrize("span_by,expected", [("day", [2, 1]), ("hour", [1, 1, 1])])
-def test_span_by_day_and_hour(tmp_path, span_by, expected):
-    src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\n"
-                                    "a,x,0,1\nb,x,7200,0\nc,y,86400,1\n")
-    manifest = ingest.prepare("csv", str(src), str(tmp_path / span_by), span_by=span_by)
-    assert [s["rows"] for s in manifest["spans"]] == expected
+def test_generic_csv_with_labels_needs_no_threshold(tmp_path):
+    src = write(tmp_path / "log.csv", "\ufeffuser_id,item_id,timestamp,label\nu,i,2,1\nv,i,1,0\n")
+    manifest = ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=2)
+    spans = assert_ordered_and_complete(tmp_path / "out", [("v", "i", "1"), ("u", "i", "2")])
+    assert labels(spans) == {("v", "i"): "0", ("u", "i"): "1"}
+    assert manifest["label_threshold"] is None and manifest["spans"][1]["positives"] == 1
+    assert not manifest["items_table"] and not manifest["users_table"]
 
 
-def test_equal_size_spans_differ_by_at_most_one(tmp_path):
+# --- cutting spans ---
+
+def test_equal_size_spans_follow_array_split(tmp_path):
+    rows = [(f"u{i}", f"i{i % 3}", str(1000 - i)) for i in range(23)]
     src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\n" +
-                "".join(f"u{i},i{i % 3},{1000 - i},{i % 2}\n" for i in range(23)))
+                "".join(f"{u},{it},{ts},{i % 2}\n" for i, (u, it, ts) in enumerate(rows)))
     manifest = ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=4)
-    assert sorted(s["rows"] for s in manifest["spans"]) == [5, 6, 6, 6]
-    assert_ordered_and_complete(tmp_path / "out", [(f"u{i}", f"i{i % 3}", str(1000 - i)) for i in range(23)])
+    assert [s["rows"] for s in manifest["spans"]] == [6, 6, 6, 5]
+    spans = assert_ordered_and_complete(tmp_path / "out", rows)
+    assert [len(r) for r in spans.values()] == [6, 6, 6, 5]
+    assert [(s["min_timestamp"], s["max_timestamp"]) for s in manifest["spans"]] == [
+        (978, 983), (984, 989), (990, 995), (996, 1000)]
+    assert sum(s["positives"] for s in manifest["spans"]) == 11
+
+
+def test_equal_timestamps_keep_source_order_across_a_cut(tmp_path):
+    # 60 rows at two timestamps, listed out of time order: a stable sort keeps each
+    # timestamp's rows in file order, so the cut falls at a predictable row.
+    lines = [f"u{i},i,{200 if i % 2 else 100},1\n" for i in range(60)]
+    src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\n" + "".join(lines))
+    ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=3)
+    spans = read_spans(tmp_path / "out")
+    order = [r["user_id"] for rows in spans.values() for r in rows]
+    assert order == [f"u{i}" for i in range(0, 60, 2)] + [f"u{i}" for i in range(1, 60, 2)]
+    assert [r["user_id"] for r in spans[2]][:2] == ["u40", "u42"]
+
+
+@pytest.mark.parametrize("span_by,timestamps,expected", [
+    # Last second of a UTC day and first of the next fall apart; days without data make no span.
+    ("day", [86399, 0, 86400, 5 * 86400 + 7, 86400 + 3600], [[0, 86399], [86400, 90000], [432007]]),
+    ("hour", [3599, 3600, 0, 7199, 36000], [[0, 3599], [3600, 7199], [36000]]),
+])
+def test_span_by_day_and_hour_boundaries(tmp_path, span_by, timestamps, expected):
+    src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\n" +
+                "".join(f"u{i},x,{t},1\n" for i, t in enumerate(timestamps)))
+    manifest = ingest.prepare("csv", str(src), str(tmp_path / span_by), span_by=span_by)
+    spans = assert_ordered_and_complete(tmp_path / span_by, [(f"u{i}", "x", str(t))
+                                                             for i, t in enumerate(timestamps)])
+    assert [[int(r["timestamp"]) for r in rows] for rows in spans.values()] == expected
+    assert [s["span"] for s in manifest["spans"]] == list(range(1, len(expected) + 1))
+    assert [(s["min_timestamp"], s["max_timestamp"]) for s in manifest["spans"]] == [(e[0], e[-1]) for e in expected]
+
+
+def test_overwrite_is_refused_then_replaces_every_old_span(tmp_path):
+    src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\nu,i,1,1\nv,i,2,0\nw,i,3,0\n")
+    out = tmp_path / "out"
+    ingest.prepare("csv", str(src), str(out), spans=3)
+    with pytest.raises(ingest.IngestError, match=r"already holds spans \[1, 2, 3\]; pass --overwrite"):
+        ingest.prepare("csv", str(src), str(out), spans=1)
+    assert ingest.span_dirs(str(out)) == [1, 2, 3], "a refused run changes nothing"
+    assert ingest.prepare("csv", str(src), str(out), spans=1, overwrite=True)["spans"][0]["rows"] == 3
+    assert ingest.span_dirs(str(out)) == [1], "no stale span-2/span-3 left behind"
+    assert json.loads((out / "manifest.json").read_text())["rows"] == 3
+
+
+def test_out_dir_without_spans_is_used_and_created(tmp_path):
+    src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\nu,i,1,1\n")
+    write(tmp_path / "existing" / "notes.txt", "mine\n")
+    ingest.prepare("csv", str(src), str(tmp_path / "existing"), spans=1)
+    ingest.prepare("csv", str(src), str(tmp_path / "new" / "deeper"), spans=1)
+    assert (tmp_path / "existing" / "notes.txt").read_text() == "mine\n"
+    assert ingest.span_dirs(str(tmp_path / "new" / "deeper")) == [1]
+
+
+def test_span_dirs_lists_numbers_sorted(tmp_path):
+    for name in ("span-10", "span-2", "span-1", "span-x", "spans-3"):
+        (tmp_path / name).mkdir()
+    write(tmp_path / "span-4", "a file, not a span\n")
+    assert ingest.span_dirs(str(tmp_path)) == [1, 2, 10]
+    assert ingest.span_dirs(str(tmp_path / "missing")) == []
+
+
+# --- errors name the file, the line and the column ---
+
+HEADER = "user_id,item_id,timestamp,label\n"
 
 
 @pytest.mark.parametrize("body,message", [
     ("user_id,item_id,label\nu,i,1\n", r"i\.csv, line 1: missing required column\(s\) timestamp"),
-    ("user_id,item_id,timestamp,label\nu,i,noon,1\n", r"i\.csv, line 2, column timestamp: 'noon'"),
-    ("user_id,item_id,timestamp,label\nu,i,1,1\nu,i,2,yes\n", r"i\.csv, line 3, column label: 'yes' is not 0 or 1"),
-    ("user_id,item_id,timestamp,label\nu,i,1\n", r"i\.csv, line 2: expected 4 fields, found 3"),
-    ("user_id,item_id,timestamp,label\n,i,1,1\n", r"i\.csv, line 2, column user_id: empty user_id"),
+    ("user_id,item_id,timestamp\nu,i,1\n", r"i\.csv, line 1: needs a 'label' \(0/1\) or a 'rating' column"),
+    ("user_id,item_id,timestamp,label,x,x\nu,i,1,1,a,b\n", r"i\.csv, line 1: duplicate column name\(s\) x"),
+    (HEADER + "u,i,noon,1\n", r"i\.csv, line 2, column timestamp: 'noon' is not an integer"),
+    (HEADER + "u,i,1.5,1\n", r"i\.csv, line 2, column timestamp: '1\.5' is not an integer"),
+    (HEADER + "u,i,1,1\nu,i,2,yes\n", r"i\.csv, line 3, column label: 'yes' is not 0 or 1"),
+    (HEADER + "u,i,1,1\nu,i,2,2\n", r"i\.csv, line 3, column label: '2' is not 0 or 1"),
+    (HEADER + "u,i,1\n", r"i\.csv, line 2: expected 4 fields, found 3"),
+    (HEADER + "u,i,1,1,extra\n", r"i\.csv, line 2: expected 4 fields, found 5"),
+    (HEADER + ",i,1,1\n", r"i\.csv, line 2, column user_id: empty user_id"),
+    (HEADER + "u, ,1,1\n", r"i\.csv, line 2, column item_id: empty item_id"),
     ("user_id,item_id,timestamp,rating\nu,i,1,great\n", r"i\.csv, line 2, column rating: 'great' is not a number"),
+    ("user_id,item_id,timestamp,rating\nu,i,1,nan\n", r"i\.csv, line 2, column rating: 'nan' is not a number"),
+    # Records on lines 2-3 and 4-5 hold a newline; the error names the line the bad one starts on.
+    ("user_id,item_id,timestamp,label,note\nu,i,1,1,\"a\nb\"\nu,i,x,1,\"c\nd\"\n", r"i\.csv, line 4, column timestamp"),
 ])
-def test_errors_name_file_line_and_column(tmp_path, body, message):
+def test_generic_csv_errors_name_file_line_and_column(tmp_path, body, message):
     src = write(tmp_path / "i.csv", body)
     with pytest.raises(ingest.IngestError, match=message):
         ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1, label_threshold=3)
+    assert not (tmp_path / "out").exists(), "nothing is written for bad input"
 
 
-def test_refuses_to_overwrite_spans_and_bad_arguments(tmp_path):
-    src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\nu,i,1,1\nv,i,2,0\n")
-    ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=2)
-    with pytest.raises(ingest.IngestError, match="--overwrite"):
-        ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=2)
-    assert ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1, overwrite=True)["spans"][0]["rows"] == 2
-    assert ingest.span_dirs(str(tmp_path / "out")) == [1]
+@pytest.mark.parametrize("fmt,files,message", [
+    ("movietweetings", {"ratings.dat": "1::0000001::8::5\n1::0000002::8\n"},
+     r"ratings\.dat, line 2: expected 4 fields separated by '::', found 3"),
+    ("movietweetings", {"ratings.dat": "1::0000001::8::5\n\n1::0000002::8::soon\n"},
+     r"ratings\.dat, line 3, column timestamp: 'soon'"),
+    ("movietweetings", {"ratings.dat": "1::0000001::8::5\n", "movies.dat": "0000001::A (2000)::Drama::x\n"},
+     r"movies\.dat, line 1: expected 2 or 3 fields"),
+    ("movietweetings", {"ratings.dat": "1::0000001::8::5\n",
+                        "movies.dat": "0000001::A (2000)::Drama\n0000001::B (2001)::Drama\n"},
+     r"movies\.dat, line 2, column item_id: duplicate item_id '0000001' \(first on line 1\)"),
+    ("movielens", {"ratings.csv": "userId,movieId,rating,timestamp\n1,2,four,3\n"},
+     r"ratings\.csv, line 2, column rating: 'four' is not a number"),
+    ("movielens", {"ratings.csv": "userId,movieId,rating\n1,2,4\n"},
+     r"ratings\.csv, line 1: missing required column\(s\) timestamp"),
+    ("movielens", {"ratings.csv": "userId,movieId,rating,timestamp\n1,2,4,3\n", "movies.csv": "movieId,title\n"},
+     r"movies\.csv, line 1: missing required column\(s\) genres"),
+    ("movielens-100k", {"u.data": "1\t2\t4\t3\n1\t\t4\t3\n"}, r"u\.data, line 2, column item_id: empty item_id"),
+    ("movielens-100k", {"u.data": "1\t2\t4\t3\n", "u.user": "1|24|M|technician\n"},
+     r"u\.user, line 1: expected 5 fields separated by '\|', found 4"),
+    ("movielens-1m", {"ratings.dat": "1::2::4::3\n1::2::x::3\n"}, r"ratings\.dat, line 2, column rating: 'x'"),
+    ("movielens-1m", {"ratings.dat": "1::2::4::3\n", "users.dat": "1::F::1::10::48067\n::M::1::1::1\n"},
+     r"users\.dat, line 2, column user_id: empty user_id"),
+    ("csv", {"interactions.csv": HEADER + "u,i,1,1\n", "items.csv": "id,genres\ni,A\n"},
+     r"items\.csv, line 1: missing required column\(s\) item_id"),
+    ("csv", {"interactions.csv": HEADER + "u,i,1,1\n", "users.csv": "user_id,age\nu,1\nv,2\nu,3\n"},
+     r"users\.csv, line 4, column user_id: duplicate user_id 'u' \(first on line 2\)"),
+])
+def test_adapter_errors_name_file_line_and_column(tmp_path, fmt, files, message):
+    for name, text in files.items():
+        write(tmp_path / "src" / name, text)
+    with pytest.raises(ingest.IngestError, match=message):
+        ingest.prepare(fmt, str(tmp_path / "src"), str(tmp_path / "out"), spans=1)
+
+
+def test_argument_errors(tmp_path):
+    src = write(tmp_path / "i.csv", HEADER + "u,i,1,1\nv,i,2,0\n")
+    out = str(tmp_path / "out")
+    with pytest.raises(ingest.IngestError, match="unknown format 'parquet'"):
+        ingest.prepare("parquet", str(src), out, spans=1)
+    with pytest.raises(ingest.IngestError, match="--spans must be at least 1, got 0"):
+        ingest.prepare("csv", str(src), out, spans=0)
     with pytest.raises(ingest.IngestError, match="cannot cut 2 rows into 3 spans"):
-        ingest.prepare("csv", str(src), str(tmp_path / "o2"), spans=3)
-    with pytest.raises(ingest.IngestError, match="unknown format"):
-        ingest.prepare("parquet", str(src), str(tmp_path / "o3"), spans=1)
-    with pytest.raises(ingest.IngestError, match="label-threshold"):
+        ingest.prepare("csv", str(src), out, spans=3)
+    with pytest.raises(ingest.IngestError, match="either --spans or --span-by, not both"):
+        ingest.prepare("csv", str(src), out, spans=1, span_by="day")
+    with pytest.raises(ingest.IngestError, match="--span-by must be day or hour, got 'week'"):
+        ingest.prepare("csv", str(src), out, span_by="week")
+    with pytest.raises(ingest.IngestError, match="r\\.csv: has ratings but no labels; pass --label-threshold"):
         ingest.prepare("csv", str(write(tmp_path / "r.csv", "user_id,item_id,timestamp,rating\nu,i,1,4\n")),
-                       str(tmp_path / "o4"), spans=1)
+                       out, spans=1)
+    with pytest.raises(ingest.IngestError, match="nowhere: no such file or directory"):
+        ingest.prepare("movietweetings", str(tmp_path / "nowhere"), out, spans=1)
+    with pytest.raises(ingest.IngestError, match="no ratings.csv in this directory"):
+        ingest.prepare("movielens", str(tmp_path), out, spans=1)
+    with pytest.raises(ingest.IngestError, match="exists and is not a directory"):
+        ingest.prepare("csv", str(src), str(src), spans=1)
+    assert not (tmp_path / "out").exists()
 
 
-def test_bundled_movietweetings_through_the_cli(tmp_path):
+# --- the bundled data set ---
+
+def test_bundled_movietweetings_in_10_spans(tmp_path):
     out = tmp_path / "data"
-    result = increc("prepare", "--format", "movietweetings", "--input", str(REPO / "data" / "movietweetings-100k"),
-                    "--out", str(out), "--spans", "10")
-    assert "100000 rows in 10 spans" in result.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert [s["rows"] for s in manifest["spans"]] == [10000] * 10
-    ordered = [(s["min_timestamp"], s["max_timestamp"]) for s in manifest["spans"]]
-    assert all(a[1] <= b[0] for a, b in zip(ordered, ordered[1:]))
-    total = sum(1 for line in open(REPO / "data" / "movietweetings-100k" / "ratings.dat") if line.strip())
-    assert sum(s["rows"] for s in manifest["spans"]) == total
-    bad = increc("prepare", "--format", "movietweetings", "--input", str(tmp_path / "nowhere"), "--out",
-                 str(tmp_path / "x"), check=False)
-    assert bad.returncode == 2 and "nowhere: no such file or directory" in bad.stderr
+    manifest = ingest.prepare("movietweetings", str(BUNDLED), str(out), spans=10)
+    with open(BUNDLED / "ratings.dat", encoding="utf-8") as f:
+        source = [line.rstrip("\n").split("::") for line in f if line.strip()]
+    assert len(source) == 100_000
+    assert [s["rows"] for s in manifest["spans"]] == [10_000] * 10 and manifest["rows"] == 100_000
+    spans = assert_ordered_and_complete(out, [(u, i, t) for u, i, _, t in source])
+    assert sum(s["positives"] for s in manifest["spans"]) == sum(int(r) >= 8 for _, _, r, _ in source)
+    assert all(len(r["item_id"]) == 7 for r in spans[1]), "IMDb ids keep their leading zeros"
+    assert len(read_csv(out / "items.csv")) == 10_506 and not manifest["users_table"]
+
+
+def test_cli_prints_the_cut_and_exits_2_on_bad_input(tmp_path):
+    src = write(tmp_path / "mt" / "ratings.dat", "1::0000001::8::5\n2::0000002::9::86405\n")
+    result = increc("prepare", "--format", "movietweetings", "--input", str(src.parent),
+                    "--out", str(tmp_path / "data"), "--spans", "2")
+    assert "2 rows in 2 spans" in result.stdout
+    assert ingest.span_dirs(str(tmp_path / "data")) == [1, 2]
+    write(src, "1::0000001::8\n")
+    bad = increc("prepare", "--format", "movietweetings", "--input", str(src), "--out", str(tmp_path / "x"),
+                 check=False)
+    assert bad.returncode == 2 and "ratings.dat, line 1: expected 4 fields" in bad.stderr
