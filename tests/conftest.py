@@ -24,8 +24,19 @@ BUNDLED = REPO / "data" / "movietweetings-100k"
 SHARED = REPO.parent / "shared" / "data" / "movietweetings-100k"
 ROWS_PER_SPAN = 1500
 TEST_SPANS = 3
-# Test-sized training: 1 epoch, in-memory Beam (process start-up dominates on tiny spans).
-TEST_CONFIG = {"epochs": 1, "beam_args": ["--direct_running_mode=in_memory"], "replay_fraction": 0.0}
+def _unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Test-sized training: 1 epoch, in-memory Beam (process start-up dominates on tiny spans). Pushes
+# and live evaluation look for a server on a port nobody listens on, never a developer's own
+# server on the default 8500.
+TEST_CONFIG = {"epochs": 1, "beam_args": ["--direct_running_mode=in_memory"], "replay_fraction": 0.0,
+               "serving_address": f"127.0.0.1:{_unused_port()}"}
 
 
 def movietweetings_dir() -> Path:
