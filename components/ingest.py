@@ -63,6 +63,8 @@ class RawLog:
     interactions: Table  # user_id, item_id, timestamp, label, then extra feature columns
     items: Optional[Table] = None
     users: Optional[Table] = None
+    # Per interaction, the rating when the source has one (else the label): what history features average.
+    outcomes: Optional[List[float]] = None
 
 
 # --- reading ---
@@ -147,14 +149,22 @@ def _timestamp(value: str, path: str, line: int) -> str:
     return str(int(value))
 
 
-def _label_from_rating(value: str, threshold: float, path: str, line: int) -> str:
+def _rating(value: str, path: str, line: int) -> float:
     try:
         rating = float(value)
     except ValueError:
         rating = math.nan
     if not math.isfinite(rating):
         raise IngestError(f"{path}, line {line}, column rating: {value!r} is not a number")
-    return "1" if rating >= threshold else "0"
+    return rating
+
+
+def _label_from_rating(value: str, threshold: float, path: str, line: int) -> str:
+    return "1" if _rating(value, path, line) >= threshold else "0"
+
+
+def _outcomes(rows: List[List[str]], ratings: Optional[List[float]] = None) -> List[float]:
+    return list(ratings) if ratings is not None else [float(r[3]) for r in rows]
 
 
 def _label(value: str, path: str, line: int) -> str:
@@ -210,15 +220,17 @@ def read_generic_csv(input_path: str, threshold: Optional[float]) -> RawLog:
         raise IngestError(f"{path}: has ratings but no labels; pass --label-threshold")
     # The rating is left out of the features: it would give the label away.
     extra = [c for c in header if c not in ("user_id", "item_id", "timestamp", "label", "rating")]
-    out = []
+    out, ratings = [], []
     for line, row in rows:
         if "label" in header:
             label = _label(row["label"], path, line)
         else:
             label = _label_from_rating(row["rating"], threshold, path, line)
+        if "rating" in header:
+            ratings.append(_rating(row["rating"], path, line))
         out.append(_interaction(path, line, row["user_id"], row["item_id"], row["timestamp"], label)
                    + [row[c] for c in extra])
-    log = RawLog(Table(INTERACTION_COLUMNS + extra, out))
+    log = RawLog(Table(INTERACTION_COLUMNS + extra, out), outcomes=_outcomes(out, ratings if ratings else None))
     for name, key, attribute in (("items.csv", "item_id", "items"), ("users.csv", "user_id", "users")):
         side = os.path.join(directory, name)
         if os.path.isfile(side) and os.path.abspath(side) != os.path.abspath(path):
@@ -240,13 +252,16 @@ def read_movielens(input_path: str, threshold: float) -> RawLog:
         items = _side_table(movies, ITEM_COLUMNS, [
             (line, [r["movieId"], "" if r["genres"].strip() == NO_GENRES else r["genres"].strip(),
                     _title_year(r["title"])]) for line, r in movie_rows], "item_id")
-    return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items)
+    return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items,
+                  outcomes=[_rating(r["rating"], path, line) for line, r in rows])
 
 
 def read_movielens_100k(input_path: str, threshold: float) -> RawLog:
     directory, path = _locate(input_path, ["u.data"])
+    records = _read_separated(path, "\t", [4])
     interactions = [_interaction(path, line, p[0], p[1], p[3], _label_from_rating(p[2], threshold, path, line))
-                    for line, p in _read_separated(path, "\t", [4])]
+                    for line, p in records]
+    outcomes = [_rating(p[2], path, line) for line, p in records]
     items = users = None
     item_path = os.path.join(directory, "u.item")
     if os.path.isfile(item_path):
@@ -262,13 +277,15 @@ def read_movielens_100k(input_path: str, threshold: float) -> RawLog:
         users = _side_table(user_path, USER_COLUMNS, [
             (line, [p[0], p[1].strip(), p[2].strip(), p[3].strip()])
             for line, p in _read_separated(user_path, "|", [5], encoding="latin-1")], "user_id")
-    return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items, users=users)
+    return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items, users=users, outcomes=outcomes)
 
 
 def read_movielens_1m(input_path: str, threshold: float) -> RawLog:
     directory, path = _locate(input_path, ["ratings.dat"])
+    records = _read_separated(path, "::", [4], encoding="latin-1")
     interactions = [_interaction(path, line, p[0], p[1], p[3], _label_from_rating(p[2], threshold, path, line))
-                    for line, p in _read_separated(path, "::", [4], encoding="latin-1")]
+                    for line, p in records]
+    outcomes = [_rating(p[2], path, line) for line, p in records]
     items = users = None
     movies = os.path.join(directory, "movies.dat")
     if os.path.isfile(movies):
@@ -285,13 +302,15 @@ def read_movielens_1m(input_path: str, threshold: float) -> RawLog:
                 else code
             rows.append((line, [p[0], p[2].strip(), p[1].strip(), occupation]))
         users = _side_table(user_path, USER_COLUMNS, rows, "user_id")
-    return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items, users=users)
+    return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items, users=users, outcomes=outcomes)
 
 
 def read_movietweetings(input_path: str, threshold: float) -> RawLog:
     directory, path = _locate(input_path, ["ratings.dat"])
+    records = _read_separated(path, "::", [4])
     interactions = [_interaction(path, line, p[0], p[1], p[3], _label_from_rating(p[2], threshold, path, line))
-                    for line, p in _read_separated(path, "::", [4])]
+                    for line, p in records]
+    outcomes = [_rating(p[2], path, line) for line, p in records]
     items = None
     # The snapshots call the file movies.dat; the project's README calls it items.dat.
     for name in ("movies.dat", "items.dat"):
@@ -303,11 +322,89 @@ def read_movietweetings(input_path: str, threshold: float) -> RawLog:
                 for line, p in _read_separated(movies, "::", [2, 3])], "item_id")
             break
     # users.dat only maps user ids to Twitter ids: nothing to learn from, so no users table.
-    return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items)
+    return RawLog(Table(INTERACTION_COLUMNS, interactions), items=items, outcomes=outcomes)
 
 
 READERS = {"csv": read_generic_csv, "movielens": read_movielens, "movielens-100k": read_movielens_100k,
            "movielens-1m": read_movielens_1m, "movietweetings": read_movietweetings}
+
+
+# --- history features ---
+
+# What the log already knew about a row's user and item when it happened: the
+# features a feature store serves at request time, logged with the interaction.
+HISTORY_COLUMNS = ["user_history", "user_history_mean", "item_history", "item_history_mean"]
+PRIOR_WEIGHTS = {"user": 2.0, "item": 5.0}  # pseudo-interactions at the global mean that smooth a short history
+HISTORY_FILE = "history_state.json"  # the history after the last interaction: what clients send features from
+
+
+class History:
+    """Running counts and outcome sums per user and per item: what a feature store knows at a moment."""
+
+    def __init__(self):
+        self.stats: Dict[str, Dict[str, Tuple[int, float]]] = {"user": {}, "item": {}}
+        self.seen, self.total = 0, 0.0
+
+    def features(self, user: str, item: str) -> List[str]:
+        """HISTORY_COLUMNS for an interaction of `user` with `item` now."""
+        prior = self.total / self.seen if self.seen else None
+        values = []
+        for kind, key in (("user", user), ("item", item)):
+            count, summed = self.stats[kind].get(key, (0, 0.0))
+            weight = PRIOR_WEIGHTS[kind]
+            values += [f"{math.log1p(count):.4f}",
+                       "" if prior is None else f"{(summed + weight * prior) / (count + weight):.4f}"]
+        return values
+
+    def add(self, user: str, item: str, outcome: float) -> None:
+        for kind, key in (("user", user), ("item", item)):
+            count, summed = self.stats[kind].get(key, (0, 0.0))
+            self.stats[kind][key] = (count + 1, summed + outcome)
+        self.seen, self.total = self.seen + 1, self.total + outcome
+
+    def to_json(self) -> dict:
+        return {"seen": self.seen, "total": self.total,
+                "user": {k: list(v) for k, v in self.stats["user"].items()},
+                "item": {k: list(v) for k, v in self.stats["item"].items()}}
+
+    @classmethod
+    def from_json(cls, state: dict) -> "History":
+        history = cls()
+        history.seen, history.total = int(state["seen"]), float(state["total"])
+        for kind in ("user", "item"):
+            history.stats[kind] = {k: (int(c), float(t)) for k, (c, t) in state[kind].items()}
+        return history
+
+
+def history_features(rows: List[List[str]], timestamps: np.ndarray,
+                     outcomes: Sequence[float]) -> Tuple[List[List[str]], History]:
+    """HISTORY_COLUMNS of every time-sorted row, and the history after the last one.
+
+    Only interactions with a strictly earlier timestamp count, so rows that share
+    a timestamp never see each other's outcome. A mean is empty (missing) until
+    anything at all has been seen.
+    """
+    history = History()
+    out: List[List[str]] = []
+    start = 0
+    while start < len(rows):
+        end = start
+        while end < len(rows) and timestamps[end] == timestamps[start]:
+            end += 1
+        out += [history.features(row[0], row[1]) for row in rows[start:end]]
+        for row, outcome in zip(rows[start:end], outcomes[start:end]):
+            history.add(row[0], row[1], outcome)
+        start = end
+    return out, history
+
+
+def read_history_state(data_dir: str) -> Optional[History]:
+    """The history after a data directory's last interaction (HISTORY_FILE), if prepare wrote one."""
+    path = os.path.join(data_dir, HISTORY_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return History.from_json(json.load(f))
 
 
 # --- cutting spans ---
@@ -345,8 +442,11 @@ def _write_table(path: str, table: Table) -> None:
 
 
 def prepare(fmt: str, input_path: str, out_dir: str, spans: Optional[int] = None, span_by: Optional[str] = None,
-            label_threshold: Optional[float] = None, overwrite: bool = False) -> dict:
-    """Reads a raw log and writes spans, side tables and manifest.json under out_dir; returns the manifest."""
+            label_threshold: Optional[float] = None, overwrite: bool = False, history: bool = True) -> dict:
+    """Reads a raw log and writes spans, side tables and manifest.json under out_dir; returns the manifest.
+
+    With `history`, every interaction also gets HISTORY_COLUMNS (see history_features).
+    """
     if fmt not in READERS:
         raise IngestError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if spans is not None and span_by is not None:
@@ -371,13 +471,23 @@ def prepare(fmt: str, input_path: str, out_dir: str, spans: Optional[int] = None
     order = np.argsort(timestamps, kind="stable")  # stable: equal timestamps keep source order
     timestamps = timestamps[order]
     sorted_rows = [rows[i] for i in order]
+    columns = list(log.interactions.columns)
+    if history:
+        clashing = [c for c in HISTORY_COLUMNS if c in columns]
+        if clashing:
+            raise IngestError(f"{input_path}: already has column(s) {', '.join(clashing)}; "
+                              f"pass --no-history-features to keep them as they are")
+        outcomes = log.outcomes if log.outcomes is not None else _outcomes(rows)
+        features, history_state = history_features(sorted_rows, timestamps, [outcomes[i] for i in order])
+        sorted_rows = [row + extra for row, extra in zip(sorted_rows, features)]
+        columns += HISTORY_COLUMNS
     cuts = span_boundaries(timestamps, spans, span_by)
 
     os.makedirs(out_dir, exist_ok=True)
     # Old spans and side tables go, so a shorter new cut leaves no stale span behind.
     for number in span_dirs(out_dir):
         shutil.rmtree(os.path.join(out_dir, f"span-{number}"))
-    for name in ("items.csv", "users.csv"):
+    for name in ("items.csv", "users.csv", HISTORY_FILE):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
 
@@ -386,7 +496,7 @@ def prepare(fmt: str, input_path: str, out_dir: str, spans: Optional[int] = None
         span_rows = [sorted_rows[i] for i in index]
         relative = f"span-{number}/interactions.csv"
         os.makedirs(os.path.join(out_dir, f"span-{number}"))
-        _write_table(os.path.join(out_dir, relative), Table(log.interactions.columns, span_rows))
+        _write_table(os.path.join(out_dir, relative), Table(columns, span_rows))
         manifest_spans.append({"span": number, "rows": len(span_rows),
                                "positives": sum(r[3] == "1" for r in span_rows),
                                "min_timestamp": int(timestamps[index[0]]),
@@ -395,8 +505,12 @@ def prepare(fmt: str, input_path: str, out_dir: str, spans: Optional[int] = None
         _write_table(os.path.join(out_dir, "items.csv"), log.items)
     if log.users is not None:
         _write_table(os.path.join(out_dir, "users.csv"), log.users)
+    if history:
+        with open(os.path.join(out_dir, HISTORY_FILE), "w", encoding="utf-8") as f:
+            json.dump(history_state.to_json(), f)
     manifest = {"format": fmt, "source": input_path, "label_threshold": threshold, "spans": manifest_spans,
-                "rows": len(rows), "items_table": log.items is not None, "users_table": log.users is not None}
+                "rows": len(rows), "items_table": log.items is not None, "users_table": log.users is not None,
+                "history_features": HISTORY_COLUMNS if history else []}
     with open(os.path.join(out_dir, "manifest.json"), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")

@@ -187,7 +187,8 @@ def cmd_prepare(args) -> int:
     from components import ingest
 
     manifest = ingest.prepare(args.format, args.input, args.out, spans=args.spans, span_by=args.span_by,
-                              label_threshold=args.label_threshold, overwrite=args.overwrite)
+                              label_threshold=args.label_threshold, overwrite=args.overwrite,
+                              history=args.history)
     for span in manifest["spans"]:
         print(f"span {span['span']}: {span['rows']} rows, {span['positives']} positive, "
               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(span['min_timestamp']))} .. "
@@ -410,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-threshold", type=float, dest="label_threshold",
                    help="rating >= this is a positive (default per format)")
     p.add_argument("--overwrite", action="store_true", help="replace spans already in --out")
+    p.add_argument("--no-history-features", action="store_false", dest="history",
+                   help="do not add user_history, user_history_mean, item_history, item_history_mean")
     p.set_defaults(func=cmd_prepare)
 
     def work_args(p, data=True):

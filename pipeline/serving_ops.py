@@ -92,8 +92,10 @@ def stop(config) -> bool:
 
 
 def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
-    """serving_default inputs for (user_id, item_id) pairs, side features joined from the data directory."""
+    """serving_default inputs for (user_id, item_id) pairs: side features joined from the data directory,
+    history features as they stand after its last interaction."""
     from components.example_gen import column_kinds, read_side_table
+    from components.ingest import HISTORY_COLUMNS, read_history_state
 
     inputs = {"user_id": np.array([u.encode() for u, _ in pairs], dtype=object),
               "item_id": np.array([i.encode() for _, i in pairs], dtype=object)}
@@ -108,6 +110,11 @@ def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
                 inputs[column] = np.array([float(v) if v else np.nan for v in values], dtype=np.float32)
             else:
                 inputs[column] = np.array([v.encode() for v in values], dtype=object)
+    history = read_history_state(config.data_dir)
+    if history is not None:
+        rows = [history.features(user, item) for user, item in pairs]
+        for i, column in enumerate(HISTORY_COLUMNS):
+            inputs[column] = np.array([float(r[i]) if r[i] else np.nan for r in rows], dtype=np.float32)
     return inputs
 
 

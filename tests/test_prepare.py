@@ -67,7 +67,8 @@ def test_movietweetings_keeps_leading_zeros_labels_at_8_and_no_twitter_ids(tmp_p
                                               ("1", "0104257", "300"), ("3", "0000001", "400")])
     assert labels(spans) == {("2", "0104257"): "0", ("1", "1074638"): "1", ("1", "0104257"): "1",
                              ("3", "0000001"): "0"}
-    assert list(spans[1][0]) == ["user_id", "item_id", "timestamp", "label"], "the rating is not a column"
+    assert list(spans[1][0]) == ["user_id", "item_id", "timestamp", "label", *ingest.HISTORY_COLUMNS], \
+        "the rating is not a column"
     assert read_csv(out / "items.csv") == [
         {"item_id": "0104257", "genres": "Crime|Drama", "year": "1992"},
         {"item_id": "1074638", "genres": "", "year": ""},
@@ -81,7 +82,7 @@ def test_movietweetings_keeps_leading_zeros_labels_at_8_and_no_twitter_ids(tmp_p
                    "path": "span-1/interactions.csv"},
                   {"span": 2, "rows": 2, "positives": 1, "min_timestamp": 300, "max_timestamp": 400,
                    "path": "span-2/interactions.csv"}],
-        "rows": 4, "items_table": True, "users_table": False}
+        "rows": 4, "items_table": True, "users_table": False, "history_features": ingest.HISTORY_COLUMNS}
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
@@ -177,7 +178,7 @@ def test_generic_csv_keeps_features_quoting_ids_and_side_tables(tmp_path):
     manifest = ingest.prepare("csv", str(src / "interactions.csv"), str(out), spans=1, label_threshold=4)
 
     rows = read_spans(out)[1]
-    assert list(rows[0]) == ["user_id", "item_id", "timestamp", "label", "device", "note"]
+    assert list(rows[0]) == ["user_id", "item_id", "timestamp", "label", "device", "note", *ingest.HISTORY_COLUMNS]
     assert [(r["user_id"], r["item_id"], r["label"], r["device"], r["note"]) for r in rows] == [
         ("u2", "i2", "0", "web", "two\nlines"),
         ("u1", "i2", "1", "web", ""),
@@ -383,3 +384,67 @@ def test_cli_prints_the_cut_and_exits_2_on_bad_input(tmp_path):
     bad = increc("prepare", "--format", "movietweetings", "--input", str(src), "--out", str(tmp_path / "x"),
                  check=False)
     assert bad.returncode == 2 and "ratings.dat, line 1: expected 4 fields" in bad.stderr
+
+
+# --- history features ---
+
+def history_of(rows):
+    return [[r[c] for c in ingest.HISTORY_COLUMNS] for r in rows]
+
+
+def test_history_features_see_only_strictly_earlier_interactions(tmp_path):
+    src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,rating\n"
+                                      "u2,i1,25,4\nu1,i1,10,5\nu1,i2,20,1\nu1,i3,20,2\n")
+    ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1, label_threshold=3)
+    rows = read_spans(tmp_path / "out")[1]
+    assert [(r["user_id"], r["item_id"]) for r in rows] == [("u1", "i1"), ("u1", "i2"), ("u1", "i3"), ("u2", "i1")]
+    assert history_of(rows) == [
+        ["0.0000", "", "0.0000", ""],  # nothing known yet: no count, no mean
+        # Seen: u1's rating of 5 at t=10 (prior 5). The other t=20 row is not seen.
+        ["0.6931", "5.0000", "0.0000", "5.0000"],
+        ["0.6931", "5.0000", "0.0000", "5.0000"],
+        # Seen: ratings 5, 1, 2 (prior 8/3); i1 once with 5: (5 + 5 * 8/3) / (1 + 5).
+        ["0.0000", "2.6667", "0.6931", "3.0556"],
+    ]
+    state = json.loads((tmp_path / "out" / ingest.HISTORY_FILE).read_text())
+    assert state["seen"] == 4 and state["total"] == 12.0
+    assert state["user"]["u1"] == [3, 8.0] and state["item"]["i1"] == [2, 9.0]
+    # A client asking about u1 and i1 now gets what the state says after the last interaction.
+    assert ingest.read_history_state(str(tmp_path / "out")).features("u1", "i1") == [
+        "1.3863", f"{(8 + 2 * 3) / (3 + 2):.4f}", "1.0986", f"{(9 + 5 * 3) / (2 + 5):.4f}"]
+
+
+def test_history_features_average_labels_when_there_are_no_ratings(tmp_path):
+    src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,label\nu,a,1,1\nu,b,2,0\nu,c,3,1\n")
+    ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1)
+    rows = read_spans(tmp_path / "out")[1]
+    assert [r["user_history_mean"] for r in rows] == ["", "1.0000", f"{(1 + 2 * 0.5) / (2 + 2):.4f}"]
+
+
+def test_history_features_can_be_left_out_and_never_overwrite_a_column(tmp_path):
+    src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,label\nu,a,1,1\n")
+    manifest = ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1, history=False)
+    assert list(read_spans(tmp_path / "out")[1][0]) == ["user_id", "item_id", "timestamp", "label"]
+    assert manifest["history_features"] == [] and not (tmp_path / "out" / ingest.HISTORY_FILE).exists()
+
+    clash = write(tmp_path / "clash.csv", "user_id,item_id,timestamp,label,user_history\nu,a,1,1,7\n")
+    with pytest.raises(ingest.IngestError, match=r"already has column\(s\) user_history; pass --no-history-features"):
+        ingest.prepare("csv", str(clash), str(tmp_path / "out2"), spans=1)
+    assert not (tmp_path / "out2").exists(), "nothing is written on bad input"
+    result = increc("prepare", "--format", "csv", "--input", str(clash), "--out", str(tmp_path / "out3"),
+                    "--spans", "1", "--no-history-features")
+    assert read_spans(tmp_path / "out3")[1][0]["user_history"] == "7", result.stdout
+
+
+def test_clients_send_the_history_features_as_they_stand_now(tmp_path):
+    from pipeline.config import IncrecConfig
+    from pipeline.serving_ops import inputs_for
+
+    src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,label\nu,a,1,1\nu,b,2,0\nv,a,3,1\n")
+    ingest.prepare("csv", str(src), str(tmp_path / "data"), spans=1)
+    inputs = inputs_for(IncrecConfig(data_dir=str(tmp_path / "data"), work_dir=str(tmp_path / "work")),
+                        [("u", "a"), ("new-user", "new-item")])
+    assert set(ingest.HISTORY_COLUMNS) <= set(inputs)
+    assert inputs["user_history"].tolist() == pytest.approx([1.0986, 0.0], abs=1e-4)  # u: 2 interactions so far
+    assert inputs["item_history_mean"][0] == pytest.approx((2 + 5 * 2 / 3) / (2 + 5), abs=1e-4)
+    assert inputs["user_history_mean"][1] == pytest.approx(2 / 3, abs=1e-4), "unknown: the global mean"
