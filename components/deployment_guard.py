@@ -34,10 +34,10 @@ from tfx.utils import io_utils
 
 from components import rollback
 from models import features as F
+from models.export import SCORE_BATCH, score_examples
 from models.metrics import auc
 from serving import model_config
 
-SCORE_BATCH = 2048
 REPORT_FILE = "live_evaluation.json"
 
 
@@ -81,14 +81,6 @@ def labels_of(records: List[bytes]) -> np.ndarray:
                      for r in records], dtype=np.int64)
 
 
-def score_saved_model(saved_model_dir: str, records: List[bytes]) -> np.ndarray:
-    """Click probabilities of a SavedModel's `regress` signature for serialized tf.Examples."""
-    regress = tf.saved_model.load(saved_model_dir).signatures["regress"]
-    scores = [regress(inputs=tf.constant(records[i:i + SCORE_BATCH]))["outputs"].numpy()
-              for i in range(0, len(records), SCORE_BATCH)]
-    return np.concatenate(scores) if scores else np.zeros([0])
-
-
 def version_dir(base_path: str, version: Optional[int]) -> Optional[str]:
     if version is None:
         return None
@@ -120,7 +112,7 @@ def live_aucs(deployment: model_config.Deployment, records: List[bytes], client=
             out[name] = auc(labels, score_through_server(client, deployment.model_name, label, records,
                                                          categorical, numeric))
         else:
-            out[name] = auc(labels, score_saved_model(path, records))
+            out[name] = auc(labels, score_examples(path, records))
     return out
 
 

@@ -23,6 +23,7 @@ from models import ranking_model
 from models.warm_start import WEIGHTS_ATTRIBUTE
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+SCORE_BATCH = 2048
 WARMUP_EXAMPLES = 4
 
 
@@ -94,6 +95,14 @@ class ExportModule(tf.Module):
             "classify": classify,
             "transform_features": transform_features,
         }
+
+
+def score_examples(saved_model_dir: str, records: List[bytes]) -> np.ndarray:
+    """Click probabilities of an exported model's `regress` signature for serialized tf.Examples."""
+    regress = tf.saved_model.load(saved_model_dir).signatures["regress"]
+    scores = [regress(inputs=tf.constant(records[i:i + SCORE_BATCH]))["outputs"].numpy().ravel()
+              for i in range(0, len(records), SCORE_BATCH)]
+    return np.concatenate(scores) if scores else np.zeros([0], np.float32)
 
 
 def serving_inputs(examples: List[bytes], categorical: List[str], numeric: List[str]) -> Dict[str, np.ndarray]:

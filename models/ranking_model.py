@@ -15,6 +15,9 @@ import tensorflow_recommenders as tfrs
 
 from models import features as F
 
+# Optional feature of a training batch: the soft target (label blended with a teacher's probability).
+TARGET = "__distillation_target__"
+
 
 @dataclasses.dataclass
 class ModelSpec:
@@ -25,6 +28,9 @@ class ModelSpec:
     side_embedding_dim: int = 8
     cross_layers: int = 2
     deep_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32])
+    id_bias: bool = True  # a learnt scalar per user and per item added to the logit (the "wide" part)
+    side_features: bool = True  # False: ids only (an ablation)
+    ignored_features: List[str] = dataclasses.field(default_factory=list)  # side features left out (ablations)
 
 
 class EmbeddingBag(tf.keras.layers.Layer):
@@ -52,27 +58,36 @@ class RankingModel(tfrs.models.Model):
             f: tf.keras.layers.Embedding(spec.vocab_rows[f], spec.embedding_dim, name=f"{f}_embedding")
             for f in F.ID_FEATURES
         }
+        # Biases start at zero, so a warm start from a model without them changes nothing at first.
+        self.id_biases = {
+            f: tf.keras.layers.Embedding(spec.vocab_rows[f], 1, embeddings_initializer="zeros", name=f"{f}_bias")
+            for f in F.ID_FEATURES
+        } if spec.id_bias else {}
+        used = (lambda f: f not in spec.ignored_features) if spec.side_features else (lambda f: False)
+        self.categorical = [f for f in spec.categorical if used(f)]
+        self.numeric = [f for f in spec.numeric if used(f)]
         self.side_embeddings = {
             f: EmbeddingBag(spec.vocab_rows[f], spec.side_embedding_dim, name=f"{f}_embedding")
-            for f in spec.categorical
+            for f in self.categorical
         }
         self.cross = [tfrs.layers.dcn.Cross(name=f"cross_{i}") for i in range(spec.cross_layers)]
         self.deep = [tf.keras.layers.Dense(units, activation="relu", name=f"deep_{i}")
                      for i, units in enumerate(spec.deep_layers)]
         self.head = tf.keras.layers.Dense(1, name="head")
+        self.soft_loss = tf.keras.losses.BinaryCrossentropy(from_logits=True)
         self.task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
             metrics=[tf.keras.metrics.AUC(name="auc", from_logits=True)],
         )
 
     def named_layers(self) -> List[tf.keras.layers.Layer]:
-        return (list(self.id_embeddings.values()) + list(self.side_embeddings.values())
-                + self.cross + self.deep + [self.head])
+        return (list(self.id_embeddings.values()) + list(self.id_biases.values())
+                + list(self.side_embeddings.values()) + self.cross + self.deep + [self.head])
 
     def call(self, features: Dict[str, tf.Tensor]) -> tf.Tensor:
         parts = [self.id_embeddings[f](features[F.index_name(f)]) for f in F.ID_FEATURES]
-        parts += [self.side_embeddings[f](features[F.index_name(f)]) for f in self.spec.categorical]
-        parts += [tf.cast(features[F.numeric_name(f)], tf.float32) for f in self.spec.numeric]
+        parts += [self.side_embeddings[f](features[F.index_name(f)]) for f in self.categorical]
+        parts += [tf.cast(features[F.numeric_name(f)], tf.float32) for f in self.numeric]
         x0 = tf.concat(parts, axis=1)
         crossed = x0
         for layer in self.cross:
@@ -80,15 +95,24 @@ class RankingModel(tfrs.models.Model):
         deep = x0
         for layer in self.deep:
             deep = layer(deep)
-        return tf.squeeze(self.head(tf.concat([crossed, deep], axis=1)), axis=1)
+        logit = self.head(tf.concat([crossed, deep], axis=1))
+        for f, bias in self.id_biases.items():
+            logit += bias(features[F.index_name(f)])
+        return tf.squeeze(logit, axis=1)
 
     def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
         features, labels = inputs
+        features = dict(features)
+        target = features.pop(TARGET, None)
         logits = self(features, training=training)
-        return self.task(labels=tf.cast(labels, tf.float32), predictions=logits)
+        loss = self.task(labels=tf.cast(labels, tf.float32), predictions=logits)  # metrics see the real labels
+        if target is None:
+            return loss
+        # Distillation: the loss is taken against the label blended with the serving model's probability.
+        return self.soft_loss(tf.expand_dims(target, 1), tf.expand_dims(logits, 1))
 
 
-def build(spec: ModelSpec, learning_rate: float, optimizer: str = "adam") -> RankingModel:
+def build(spec: ModelSpec, learning_rate: float, optimizer: str = "adagrad") -> RankingModel:
     model = RankingModel(spec)
     optimizers = {
         "adam": tf.keras.optimizers.Adam,

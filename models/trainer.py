@@ -48,20 +48,29 @@ def model_spec(schema_path: str, transform_output_dir: str, config) -> ranking_m
     return ranking_model.ModelSpec(
         vocab_rows=rows, categorical=categorical, numeric=numeric,
         embedding_dim=int(config["embedding_dim"]), side_embedding_dim=int(config["side_embedding_dim"]),
-        cross_layers=int(config["cross_layers"]), deep_layers=list(config["deep_layers"]))
+        cross_layers=int(config["cross_layers"]), deep_layers=list(config["deep_layers"]),
+        id_bias=bool(config.get("id_bias", True)), side_features=bool(config.get("side_features", True)),
+        ignored_features=list(config.get("ignored_features", [])))
 
 
 def make_dataset(examples: List[bytes], tft_layer, raw_spec, batch_size: int, shuffle_seed=None,
-                 flip_labels: bool = False) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(examples, dtype=tf.string))
+                 flip_labels: bool = False, teacher=None, distillation_weight: float = 0.0) -> tf.data.Dataset:
+    """Batches of (transformed features, label); with a teacher, the features carry the soft target too."""
+    columns = (tf.constant(examples, dtype=tf.string),)
+    if teacher is not None:
+        columns += (tf.constant(teacher, dtype=tf.float32),)
+    ds = tf.data.Dataset.from_tensor_slices(columns)
     if shuffle_seed is not None:
         ds = ds.shuffle(len(examples), seed=shuffle_seed, reshuffle_each_iteration=True)
 
-    def transform(serialized):
+    def transform(serialized, teacher_probability=None):
         transformed = tft_layer(tf.io.parse_example(serialized, raw_spec))
         label = transformed.pop(F.LABEL)
         if flip_labels:
             label = 1 - label
+        if teacher_probability is not None:
+            transformed[ranking_model.TARGET] = ((1.0 - distillation_weight) * tf.cast(label, tf.float32)
+                                                 + distillation_weight * teacher_probability)
         return transformed, label
 
     return ds.batch(batch_size).map(transform, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
@@ -92,16 +101,21 @@ def run_fn(fn_args: FnArgs) -> None:
 
     base = fn_args.base_model if config["mode"] == "incremental" else None
     warm_report = {}
+    teacher = None
+    distillation_weight = float(config.get("distillation_weight", 0.0))
     if base and warm_start.has_saved_model(base):
         warm_report = warm_start.copy_into(ranking_model.weights_by_name(model), warm_start.load_weights(base))
         logging.info("warm start from %s: %s", base, warm_report)
+        if distillation_weight > 0:
+            teacher = export.score_examples(base, train + replayed)
     elif base:
         logging.info("no serving model at %s: training from scratch", base)
 
     run_name = f"span-{config['span']}" if config.get("span") is not None else os.path.basename(fn_args.model_run_dir)
     log_dir = os.path.join(config["tensorboard_dir"], "train", f"{run_name}-{int(started)}")
     train_ds = make_dataset(train + replayed, tft_layer, raw_spec, int(config["batch_size"]),
-                            shuffle_seed=int(config["seed"]), flip_labels=bool(config.get("flip_train_labels")))
+                            shuffle_seed=int(config["seed"]), flip_labels=bool(config.get("flip_train_labels")),
+                            teacher=teacher, distillation_weight=distillation_weight)
     eval_ds = make_dataset(evaluation, tft_layer, raw_spec, 1024) if evaluation else None
     fit_started = time.time()
     history = model.fit(train_ds, validation_data=eval_ds, epochs=int(config["epochs"]), verbose=0,
@@ -124,6 +138,7 @@ def run_fn(fn_args: FnArgs) -> None:
         "train_seconds": train_seconds,
         "warm_started_from": base if warm_report else None,
         "warm_start": warm_report,
+        "distilled": teacher is not None,
         "vocab_rows": spec.vocab_rows,
         "final_metrics": {k: float(v[-1]) for k, v in history.history.items()},
         "tensorboard_run": log_dir,

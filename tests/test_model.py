@@ -1,0 +1,79 @@
+"""The ranking model's parts on small inputs: id biases, left-out features, distillation targets."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from models import features as F
+from models import ranking_model
+from models.trainer import make_dataset
+
+
+def spec(**overrides) -> ranking_model.ModelSpec:
+    values = dict(vocab_rows={"user_id": 20, "item_id": 30, "genres": 10}, categorical=["genres"],
+                  numeric=["year"], embedding_dim=4, side_embedding_dim=2, deep_layers=[8])
+    values.update(overrides)
+    return ranking_model.ModelSpec(**values)
+
+
+def batch(users, items, years):
+    n = len(users)
+    return {F.index_name(F.USER_ID): tf.constant(users, tf.int64), F.index_name(F.ITEM_ID): tf.constant(items, tf.int64),
+            F.index_name("genres"): tf.sparse.from_dense(tf.constant([[1, 2]] * n, tf.int64)),
+            F.numeric_name("year"): tf.constant(np.reshape(years, [n, 1]), tf.float32)}
+
+
+def test_id_bias_adds_a_learnt_scalar_per_user_and_item_to_the_logit():
+    model = ranking_model.build(spec(), 0.1)
+    features = batch([3, 4], [5, 5], [0.0, 0.0])
+    before = model(features).numpy()
+    weights = ranking_model.weights_by_name(model)
+    assert {"user_id_bias.0", "item_id_bias.0"} <= set(weights), "biases are warm-started by name"
+    assert not np.any(weights["user_id_bias.0"].numpy()), "biases start at zero"
+    weights["user_id_bias.0"].assign(tf.tensor_scatter_nd_update(weights["user_id_bias.0"], [[3]], [[5.0]]))
+    np.testing.assert_allclose(model(features).numpy() - before, [5.0, 0.0], atol=1e-5)
+
+    without = ranking_model.build(spec(id_bias=False), 0.1)
+    without(features)
+    assert not any(name.endswith("_bias.0") for name in ranking_model.weights_by_name(without))
+
+
+def test_ignored_features_do_not_reach_the_model():
+    model = ranking_model.build(spec(ignored_features=["year"]), 0.1)
+    low, high = model(batch([1], [1], [-3.0])).numpy(), model(batch([1], [1], [3.0])).numpy()
+    np.testing.assert_array_equal(low, high)
+    assert "year" not in model.numeric and model.categorical == ["genres"]
+    used = ranking_model.build(spec(), 0.1)
+    assert used(batch([1], [1], [-3.0])).numpy() != used(batch([1], [1], [3.0])).numpy()
+    ids_only = ranking_model.build(spec(side_features=False), 0.1)
+    assert ids_only.categorical == [] and ids_only.numeric == []
+
+
+def test_distillation_trains_against_the_label_blended_with_the_teacher():
+    raw_spec = {F.LABEL: tf.io.FixedLenFeature([1], tf.int64), "x": tf.io.FixedLenFeature([1], tf.float32)}
+    examples = [tf.train.Example(features=tf.train.Features(feature={
+        F.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        "x": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0]))})).SerializeToString() for label in (1, 0)]
+    layer = lambda parsed: {F.LABEL: tf.reshape(parsed[F.LABEL], [-1]), "x": parsed["x"]}  # noqa: E731
+    features, labels = next(iter(make_dataset(examples, layer, raw_spec, 2, teacher=[0.2, 0.6],
+                                              distillation_weight=0.25)))
+    np.testing.assert_allclose(features[ranking_model.TARGET].numpy(), [0.75 * 1 + 0.25 * 0.2, 0.25 * 0.6])
+    np.testing.assert_array_equal(labels.numpy(), [1, 0])
+    plain, _ = next(iter(make_dataset(examples, layer, raw_spec, 2)))
+    assert ranking_model.TARGET not in plain
+
+    model = ranking_model.build(spec(), 0.1)
+    inputs = batch([1, 2], [1, 2], [0.0, 1.0])
+    logits = model(inputs)
+    target = tf.constant([0.8, 0.1])
+    loss = model.compute_loss((dict(inputs, **{ranking_model.TARGET: target}), tf.constant([1, 0])))
+    expected = tf.keras.losses.BinaryCrossentropy(from_logits=True)(target[:, None], logits[:, None])
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    hard = model.compute_loss((inputs, tf.constant([1, 0])))
+    assert float(hard) != pytest.approx(float(loss))
+
+
+def test_unknown_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        ranking_model.build(spec(), 0.1, "sgd-with-hope")
