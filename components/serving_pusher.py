@@ -65,6 +65,8 @@ def notify_server(address: str, new_config, old_config) -> str:
     """Tells a running server about the new config; a missing server is not an error."""
     from serving.client import ServingClient
 
+    if not address:
+        return "no serving address configured; a server reads models.config when it starts"
     client = ServingClient(address, timeout=5.0)
     try:
         if not client.is_reachable():
