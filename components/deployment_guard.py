@@ -69,11 +69,11 @@ def anomaly_messages(anomalies: types.Artifact) -> List[str]:
 
 
 def read_examples(examples: types.Artifact) -> List[bytes]:
-    records = []
-    for split in artifact_utils.decode_split_names(examples.split_names):
-        files = tf.io.gfile.glob(os.path.join(artifact_utils.get_split_uri([examples], split), "*"))
-        records += [r.numpy() for r in tf.data.TFRecordDataset(sorted(files), compression_type="GZIP")]
-    return records
+    """Every split of an Examples artifact, serialized."""
+    from models.trainer import read_examples as read_files
+
+    return read_files([os.path.join(artifact_utils.get_split_uri([examples], split), "*")
+                       for split in artifact_utils.decode_split_names(examples.split_names)])
 
 
 def labels_of(records: List[bytes]) -> np.ndarray:
