@@ -10,3 +10,19 @@ def write_json(path: str, results: dict) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     print(f"written {path}")
+
+
+def markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def quiet_tensorflow() -> None:
+    """Only errors from TensorFlow and absl: benchmarks print their own figures."""
+    import logging
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)

@@ -45,18 +45,9 @@ def _artifact_json(artifact, name: str):
         return json.load(f)
 
 
-def run_artifacts(config: IncrecConfig, started: float) -> Dict[Tuple[str, str], Any]:
-    """{(node_id, output_key): newest LIVE artifact} of the newest run that began after `started`."""
-    if not os.path.exists(config.metadata_path):
-        return {}
-    store = _store(config)
-    runs = [c for c in store.get_contexts_by_type("pipeline_run")
-            if c.create_time_since_epoch >= int(started * 1000) - 1000]
-    if not runs:
-        return {}
-    run = max(runs, key=lambda c: c.create_time_since_epoch)
+def _artifacts_of_run(store, run, root: str) -> Dict[Tuple[str, str], Any]:
+    """{(node_id, output_key): newest LIVE artifact} of one pipeline_run context."""
     found: Dict[Tuple[str, str], Any] = {}
-    root = config.pipeline_root.rstrip("/") + "/"
     for artifact in store.get_artifacts_by_context(run.id):
         if artifact.state != metadata_store_pb2.Artifact.LIVE or not artifact.uri.startswith(root):
             continue
@@ -67,6 +58,55 @@ def run_artifacts(config: IncrecConfig, started: float) -> Dict[Tuple[str, str],
         if key not in found or artifact.id > found[key].id:
             found[key] = artifact
     return found
+
+
+def _run_started_at(config: IncrecConfig, started: float):
+    """(store, the first pipeline_run context that began after `started`), or (None, None)."""
+    if not os.path.exists(config.metadata_path):
+        return None, None
+    store = _store(config)
+    runs = [c for c in store.get_contexts_by_type("pipeline_run")
+            if c.create_time_since_epoch >= int(started * 1000) - 1000]
+    if not runs:
+        return store, None
+    return store, min(runs, key=lambda c: c.create_time_since_epoch)
+
+
+def run_artifacts(config: IncrecConfig, started: float) -> Dict[Tuple[str, str], Any]:
+    """{(node_id, output_key): newest LIVE artifact} of the run that began at `started`."""
+    store, run = _run_started_at(config, started)
+    if run is None:
+        return {}
+    return _artifacts_of_run(store, run, config.pipeline_root.rstrip("/") + "/")
+
+
+def artifacts_by_span(config: IncrecConfig) -> Dict[int, Dict[Tuple[str, str], Any]]:
+    """{span: artifacts of the newest run that ingested it} over the whole work directory (benchmarks)."""
+    if not os.path.exists(config.metadata_path):
+        return {}
+    store = _store(config)
+    root = config.pipeline_root.rstrip("/") + "/"
+    by_span: Dict[int, Dict[Tuple[str, str], Any]] = {}
+    for run in sorted(store.get_contexts_by_type("pipeline_run"), key=lambda c: c.create_time_since_epoch):
+        artifacts = _artifacts_of_run(store, run, root)
+        span = _custom(artifacts.get(("SpanExampleGen", "examples")), "span")
+        if span is not None:
+            by_span[int(span)] = artifacts
+    return by_span
+
+
+def component_seconds(config: IncrecConfig, started: float) -> Dict[str, float]:
+    """{component: seconds} of the run that began at `started`, from MLMD execution times."""
+    store, run = _run_started_at(config, started)
+    if run is None:
+        return {}
+    executions = store.get_executions_by_context(run.id)
+    types = {t.id: t.name for t in store.get_execution_types_by_id(list({e.type_id for e in executions}))}
+    seconds: Dict[str, float] = {}
+    for execution in executions:
+        node = types.get(execution.type_id, str(execution.type_id)).rsplit(".", 1)[-1]
+        seconds[node] = round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 3)
+    return seconds
 
 
 def evaluator_aucs(evaluation_uri: str) -> Tuple[Optional[float], Optional[float], Dict[str, Any]]:

@@ -1,0 +1,354 @@
+"""Prequential benchmark: increc incremental vs full retraining, a frozen model and two peers.
+
+On the same time-ordered spans of each data set, in one run:
+  - incremental: the default pipeline (`increc backfill`), with a model server
+    up from span 2 on, so every push is loaded by a live server;
+  - full: the same pipeline with `--mode full` (retrained from scratch on spans 1..N);
+  - frozen: the model trained on span 1, never updated;
+  - popularity and logistic_regression (benchmarks/peers.py): retrained on spans 1..N-1.
+For every span N >= 2 it reports the AUC on span N of the model that existed
+before span N arrived (for increc, the version serving when span N landed:
+the live AUC), train seconds, run seconds and examples trained. All models
+are scored on the same rows (span N's ExampleGen output, both splits).
+Optionally it replays the Trainer with other settings over the incremental
+run (benchmarks/ablations.py). Writes JSON, a Markdown table and a PNG, and
+prints the goals of issue 5 against its own figures. Not a test: a full run
+takes about an hour on two cores.
+
+    python benchmarks/prequential.py                       # both data sets, 10 spans
+    python benchmarks/prequential.py --datasets movietweetings --spans 4 --ablations ""
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import markdown_table, quiet_tensorflow, write_json  # noqa: E402
+
+DATASETS = {
+    "movietweetings": {"format": "movietweetings", "input": REPO / "data" / "movietweetings-100k",
+                       "label_threshold": 8.0},
+    "movielens": {"format": "movielens", "input": REPO.parent / "shared" / "data" / "ml-latest-small",
+                  "label_threshold": 4.0},
+}
+MODELS = ("incremental", "full", "frozen", "popularity", "logistic_regression")
+DEFAULT_ABLATIONS = "no_history_features,adam,no_replay,distill_0.5"
+
+
+def increc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, check=check,
+                          env=dict(os.environ, TF_USE_LEGACY_KERAS="1", PYTHONWARNINGS="ignore"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latest_records(work: Path) -> Dict[int, Dict[str, Any]]:
+    from pipeline.local_runner import read_history
+
+    return {r["span"]: r for r in read_history(str(work)) if r.get("span") is not None}
+
+
+def run_mode(data: Path, work: Path, mode: str, spans: int, serve: bool, extra: List[str]) -> Dict[str, Any]:
+    """Backfills spans 1..spans in `mode`; with `serve`, a server is up over WORK from span 2 on."""
+    from pipeline import outcome
+    from pipeline.config import IncrecConfig
+
+    port, rest_port = free_port(), free_port()
+    common = ["--data", str(data), "--work", str(work), "--mode", mode, "--no-progress",
+              "--serving-address", f"127.0.0.1:{port}" if serve else "", *extra]
+    started = time.time()
+    increc("run", "--span", "1", *common, check=False)
+    first_wall = time.time() - started  # one `increc run` as a cron job would start it, imports included
+    served = serve and increc("up", "--work", str(work), "--port", str(port), "--rest-port", str(rest_port),
+                              check=False).returncode == 0
+    try:
+        if spans > 1:
+            increc("backfill", "--spans", f"2-{spans}", *common, check=False)
+    finally:
+        if served:
+            increc("down", "--work", str(work), check=False)
+    config = IncrecConfig(data_dir=str(data), work_dir=str(work))
+    records = latest_records(work)
+    for record in records.values():
+        record["component_seconds"] = outcome.component_seconds(config, record["time"])
+    return {"records": records, "served": served, "wall_seconds": time.time() - started,
+            "span_1_command_seconds": round(first_wall, 3)}
+
+
+def span_rows(work: Path) -> Dict[int, Dict[str, Any]]:
+    """{span: records, users, items, labels} from the ExampleGen output of a work directory."""
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks.ablations import read_split, span_inputs
+
+    rows = {}
+    for span, paths in span_inputs(str(work)).items():
+        records = read_split(paths["examples"], "train") + read_split(paths["examples"], "eval")
+        users, items, labels = [], [], []
+        for record in records:
+            feature = tf.train.Example.FromString(record).features.feature
+            users.append(feature["user_id"].bytes_list.value[0].decode())
+            items.append(feature["item_id"].bytes_list.value[0].decode())
+            labels.append(feature["label"].int64_list.value[0])
+        rows[span] = {"records": records, "users": users, "items": items, "labels": np.array(labels)}
+    return rows
+
+
+def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, Dict[int, Dict[str, Any]]]:
+    import numpy as np
+
+    from benchmarks.peers import PEERS
+    from models.export import score_examples
+    from models.metrics import auc
+    from pipeline import outcome
+    from pipeline.config import IncrecConfig
+
+    spans = sorted(rows)
+    config = IncrecConfig(data_dir=str(work), work_dir=str(work))
+    first_model = outcome.artifacts_by_span(config)[spans[0]][("Trainer", "model")].uri
+    frozen_dir = os.path.join(first_model, "Format-Serving")
+    with open(os.path.join(first_model, "training_summary.json")) as f:
+        frozen_train = json.load(f)
+    out: Dict[str, Dict[int, Dict[str, Any]]] = {"frozen": {}, **{name: {} for name in PEERS}}
+    for span in spans[1:]:
+        target = rows[span]
+        started = time.time()
+        out["frozen"][span] = {"auc": auc(target["labels"], score_examples(frozen_dir, target["records"])),
+                               "train_seconds": 0.0, "examples_trained": 0,
+                               "run_seconds": round(time.time() - started, 3)}
+        earlier = [rows[s] for s in spans if s < span]
+        users = [u for r in earlier for u in r["users"]]
+        items = [i for r in earlier for i in r["items"]]
+        labels = np.concatenate([r["labels"] for r in earlier])
+        for name, peer in PEERS.items():
+            started = time.time()
+            model = peer().fit(users, items, labels)
+            trained = time.time() - started
+            scores = model.predict(target["users"], target["items"])
+            out[name][span] = {"auc": auc(target["labels"], scores), "train_seconds": round(trained, 3),
+                               "examples_trained": len(labels), "run_seconds": round(time.time() - started, 3)}
+    out["frozen"]["span_1_train_seconds"] = frozen_train["train_seconds"]
+    return out
+
+
+def per_span(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per span N >= 2 with every model's AUC and costs."""
+    table = []
+    modes = result["modes"]
+    spans = sorted({s for m in modes.values() for s in m["records"]} - {1})
+    for span in spans:
+        row: Dict[str, Any] = {"span": span}
+        for mode, run in modes.items():
+            record = run["records"].get(span, {})
+            row[mode] = {"auc": record.get("live_auc"), "train_seconds": record.get("train_seconds"),
+                         "run_seconds": record.get("run_seconds"), "examples_trained": record.get("examples_trained"),
+                         "blessed": record.get("blessed"), "rolled_back": record.get("rolled_back"),
+                         "component_seconds": record.get("component_seconds", {})}
+        for name, by_span in result["others"].items():
+            if span in by_span:
+                row[name] = by_span[span]
+        table.append(row)
+    return table
+
+
+def mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(name: str, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    summary: Dict[str, Any] = {"mean_auc": {m: mean(r.get(m, {}).get("auc") for r in rows) for m in MODELS}}
+    last = rows[-1] if rows else {}
+    summary["last_span"] = last.get("span")
+    summary["train_seconds_last_span"] = {m: last.get(m, {}).get("train_seconds") for m in MODELS}
+    incremental = [r["incremental"] for r in rows if r.get("incremental", {}).get("run_seconds") is not None]
+    if incremental:
+        runs = [r["run_seconds"] for r in incremental]
+        components: Dict[str, List[float]] = {}
+        for r in incremental:
+            for component, seconds in r["component_seconds"].items():
+                components.setdefault(component, []).append(seconds)
+        summary["incremental_run_seconds"] = {"mean": statistics.mean(runs), "max": max(runs)}
+        summary["incremental_component_seconds"] = {c: round(statistics.mean(v), 2)
+                                                    for c, v in sorted(components.items(), key=lambda kv: -sum(kv[1]))}
+    return summary
+
+
+def goals(summaries: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
+    out = []
+
+    def goal(text, value, target, ok):
+        out.append({"goal": text, "value": value, "target": target, "met": bool(ok)})
+
+    for name, s in summaries.items():
+        auc_ = s["mean_auc"]
+        if auc_["incremental"] is not None and auc_["full"] is not None:
+            goal(f"{name}: incremental mean AUC >= full-retrain mean - 0.003", round(auc_["incremental"], 4),
+                 round(auc_["full"] - 0.003, 4), auc_["incremental"] >= auc_["full"] - 0.003)
+        if auc_["incremental"] is not None and auc_["logistic_regression"] is not None:
+            goal(f"{name}: incremental mean AUC >= logistic regression's + 0.02", round(auc_["incremental"], 4),
+                 round(auc_["logistic_regression"] + 0.02, 4), auc_["incremental"] >= auc_["logistic_regression"] + 0.02)
+        seconds = s["train_seconds_last_span"]
+        if seconds.get("incremental") and seconds.get("full"):
+            goal(f"{name}: incremental train seconds at span {s['last_span']} <= 0.35 x full retrain's",
+                 seconds["incremental"], round(0.35 * seconds["full"], 2),
+                 seconds["incremental"] <= 0.35 * seconds["full"])
+        if "incremental_run_seconds" in s:
+            worst = s["incremental_run_seconds"]["max"]
+            goal(f"{name}: one span end to end (landed -> new version serving) <= 90 s", round(worst, 1), 90,
+                 worst <= 90)
+    return out
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    parts = ["# Prequential benchmark", "",
+             "AUC on span N of the model that existed before span N arrived; seconds of that span's run.", ""]
+    for name, result in results["datasets"].items():
+        parts += [f"## {name}", ""]
+        rows = []
+        for r in result["per_span"]:
+            cell = lambda m, k="auc", d=4: (f"{r[m][k]:.{d}f}" if r.get(m, {}).get(k) is not None else "-")  # noqa: E731
+            rows.append([r["span"]] + [cell(m) for m in MODELS]
+                        + [cell("incremental", "train_seconds", 1), cell("full", "train_seconds", 1),
+                           cell("incremental", "run_seconds", 1), cell("full", "run_seconds", 1),
+                           r.get("incremental", {}).get("examples_trained", "-"),
+                           r.get("full", {}).get("examples_trained", "-")])
+        s = result["summary"]
+        rows.append(["mean"] + [f"{s['mean_auc'][m]:.4f}" if s["mean_auc"][m] is not None else "-" for m in MODELS]
+                    + [""] * 6)
+        parts.append(markdown_table(["span", *MODELS, "inc train s", "full train s", "inc run s", "full run s",
+                                     "inc examples", "full examples"], rows))
+        if s.get("incremental_component_seconds"):
+            parts += ["", "Where an incremental span's time goes (mean seconds per component, MLMD execution times):",
+                      "", markdown_table(["component", "seconds"],
+                                         [[c, v] for c, v in s["incremental_component_seconds"].items()])]
+        if result.get("ablations"):
+            parts += ["", "Ablations (the Trainer replayed over this incremental run's spans; "
+                      "benchmarks/ablations.py):", "",
+                      markdown_table(["variant", "settings", "mean live AUC", "blessed", "train s (last span)"],
+                                     [[a["variant"], json.dumps(a["settings"]), f"{a['mean_live_auc']:.4f}",
+                                       f"{sum(x['blessed'] for x in a['spans'])}/{len(a['spans'])}",
+                                       f"{a['spans'][-1]['train_seconds']:.1f}"] for a in result["ablations"]])]
+        parts.append("")
+    parts += ["## Goals", "", markdown_table(["goal", "value", "target", "met"],
+                                             [[g["goal"], g["value"], g["target"], "yes" if g["met"] else "NO"]
+                                              for g in results["goals"]]), ""]
+    return "\n".join(parts)
+
+
+def plot(results: Dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["datasets"])
+    fig, axes = plt.subplots(len(names), 2, figsize=(12, 4 * len(names)), squeeze=False)
+    for row, name in enumerate(names):
+        table = results["datasets"][name]["per_span"]
+        spans = [r["span"] for r in table]
+        for model in MODELS:
+            axes[row][0].plot(spans, [r.get(model, {}).get("auc") for r in table], marker="o", label=model)
+        axes[row][0].set(title=f"{name}: AUC on span N of the model before it", xlabel="span", ylabel="AUC")
+        for model, style in (("incremental", "-"), ("full", "-"), ("logistic_regression", ":")):
+            axes[row][1].plot(spans, [r.get(model, {}).get("train_seconds") for r in table], style, marker="o",
+                              label=f"{model} train")
+        for model in ("incremental", "full"):
+            axes[row][1].plot(spans, [r.get(model, {}).get("run_seconds") for r in table], "--", marker="x",
+                              label=f"{model} run (pipeline)")
+        axes[row][1].set(title=f"{name}: seconds per span", xlabel="span", ylabel="seconds")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, of: {', '.join(DATASETS)}")
+    parser.add_argument("--movielens", default=str(DATASETS["movielens"]["input"]),
+                        help="the MovieLens latest-small directory")
+    parser.add_argument("--spans", type=int, default=10, help="time-ordered spans per data set")
+    parser.add_argument("--modes", default="incremental,full")
+    parser.add_argument("--ablations", default=DEFAULT_ABLATIONS,
+                        help="variants of benchmarks/ablations.py to replay over the incremental run ('' for none)")
+    parser.add_argument("--no-serve", action="store_false", dest="serve",
+                        help="run the incremental backfill without a model server")
+    parser.add_argument("--config", help="IncrecConfig JSON applied to every pipeline run")
+    parser.add_argument("--scratch", help="directory for data and work directories (default: a temporary one)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prequential.json"))
+    args = parser.parse_args()
+    quiet_tensorflow()
+    DATASETS["movielens"]["input"] = Path(args.movielens)
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="increc-prequential-"))
+    extra = ["--config", os.path.abspath(args.config)] if args.config else []
+    results: Dict[str, Any] = {"spans": args.spans, "cpus": os.cpu_count(), "datasets": {}}
+
+    from benchmarks import ablations
+
+    for name in args.datasets.split(","):
+        spec = DATASETS[name]
+        data = scratch / name / "data"
+        increc("prepare", "--format", spec["format"], "--input", str(spec["input"]), "--out", str(data),
+               "--spans", str(args.spans), "--label-threshold", str(spec["label_threshold"]), "--overwrite")
+        result: Dict[str, Any] = {"modes": {}}
+        for mode in args.modes.split(","):
+            work = scratch / name / f"work-{mode}"
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"== {name}: {mode}", flush=True)
+            result["modes"][mode] = run_mode(data, work, mode, args.spans, args.serve and mode == "incremental",
+                                             extra)
+        reference = scratch / name / f"work-{args.modes.split(',')[0]}"
+        result["others"] = frozen_and_peers(reference, span_rows(reference))
+        result["per_span"] = per_span(result)
+        result["summary"] = summarize(name, result["per_span"])
+        result["ablations"] = []
+        if args.ablations and "incremental" in result["modes"]:
+            for variant in args.ablations.split(","):
+                print(f"== {name}: ablation {variant}", flush=True)
+                with tempfile.TemporaryDirectory(prefix="increc-ablation-") as tmp:
+                    run = ablations.replay(str(scratch / name / "work-incremental"), ablations.VARIANTS[variant],
+                                           "incremental", tmp)
+                result["ablations"].append(dict(run, variant=variant))
+        for run in result["modes"].values():
+            run["records"] = {str(k): v for k, v in run["records"].items()}
+        result["others"] = {m: {str(k): v for k, v in by.items()} for m, by in result["others"].items()}
+        results["datasets"][name] = result
+
+    results["goals"] = goals({n: r["summary"] for n, r in results["datasets"].items()})
+    text = markdown(results)
+    print("\n" + text)
+    write_json(args.out, results)
+    base = os.path.splitext(args.out)[0]
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    plot(results, base + ".png")
+    print(f"written {base}.md and {base}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
