@@ -95,6 +95,18 @@ def run_mode(data: Path, work: Path, mode: str, spans: int, serve: bool, extra: 
             "span_1_command_seconds": round(first_wall, 3)}
 
 
+def reused_mode(work: Path, data: Path, previous: Dict[str, Any]) -> Dict[str, Any]:
+    """A mode's run as an earlier invocation left it in its work directory (--reuse)."""
+    from pipeline import outcome
+    from pipeline.config import IncrecConfig
+
+    config = IncrecConfig(data_dir=str(data), work_dir=str(work))
+    records = latest_records(work)
+    for record in records.values():
+        record["component_seconds"] = outcome.component_seconds(config, record["time"])
+    return dict({k: v for k, v in previous.items() if k not in ("records", "segments")}, records=records)
+
+
 def span_rows(work: Path) -> Dict[int, Dict[str, Any]]:
     """{span: records, users, items, labels} from the ExampleGen output of a work directory."""
     import numpy as np
@@ -115,12 +127,27 @@ def span_rows(work: Path) -> Dict[int, Dict[str, Any]]:
     return rows
 
 
+def new_user_mask(rows: Dict[int, Dict[str, Any]], span: int):
+    """Rows of span N whose user appears in no earlier span (what the Evaluator slices as user_is_new)."""
+    import numpy as np
+
+    seen = {u for s, r in rows.items() if s < span for u in r["users"]}
+    return np.array([u not in seen for u in rows[span]["users"]])
+
+
+def scored(labels, scores, new_users) -> Dict[str, Optional[float]]:
+    """AUC overall and on new and on returning users' rows."""
+    from models.metrics import auc
+
+    return {"auc": auc(labels, scores), "auc_new_users": auc(labels[new_users], scores[new_users]),
+            "auc_returning_users": auc(labels[~new_users], scores[~new_users])}
+
+
 def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, Dict[int, Dict[str, Any]]]:
     import numpy as np
 
     from benchmarks.peers import PEERS
     from models.export import score_examples
-    from models.metrics import auc
     from pipeline import outcome
     from pipeline.config import IncrecConfig
 
@@ -133,10 +160,10 @@ def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, D
     out: Dict[str, Dict[int, Dict[str, Any]]] = {"frozen": {}, **{name: {} for name in PEERS}}
     for span in spans[1:]:
         target = rows[span]
+        new_users = new_user_mask(rows, span)
         started = time.time()
-        out["frozen"][span] = {"auc": auc(target["labels"], score_examples(frozen_dir, target["records"])),
-                               "train_seconds": 0.0, "examples_trained": 0,
-                               "run_seconds": round(time.time() - started, 3)}
+        out["frozen"][span] = dict(scored(target["labels"], score_examples(frozen_dir, target["records"]), new_users),
+                                   train_seconds=0.0, examples_trained=0, run_seconds=round(time.time() - started, 3))
         earlier = [rows[s] for s in spans if s < span]
         users = [u for r in earlier for u in r["users"]]
         items = [i for r in earlier for i in r["items"]]
@@ -146,9 +173,24 @@ def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, D
             model = peer().fit(users, items, labels)
             trained = time.time() - started
             scores = model.predict(target["users"], target["items"])
-            out[name][span] = {"auc": auc(target["labels"], scores), "train_seconds": round(trained, 3),
-                               "examples_trained": len(labels), "run_seconds": round(time.time() - started, 3)}
+            out[name][span] = dict(scored(target["labels"], scores, new_users), train_seconds=round(trained, 3),
+                                   examples_trained=len(labels), run_seconds=round(time.time() - started, 3))
     out["frozen"]["span_1_train_seconds"] = frozen_train["train_seconds"]
+    return out
+
+
+def served_segments(run: Dict[str, Any], rows: Dict[int, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
+    """New- and returning-user AUC on span N of the version that served it (its Trainer output)."""
+    from models.export import score_examples
+
+    model_of = {r["pushed_version"]: r["candidate_model"] for r in run["records"].values()
+                if r.get("pushed_version") and r.get("candidate_model")}
+    out = {}
+    for span, record in run["records"].items():
+        path = model_of.get(record.get("live_version"))
+        if span in rows and path and os.path.isdir(path):
+            target = rows[span]
+            out[span] = scored(target["labels"], score_examples(path, target["records"]), new_user_mask(rows, span))
     return out
 
 
@@ -165,6 +207,8 @@ def per_span(result: Dict[str, Any]) -> List[Dict[str, Any]]:
                          "run_seconds": record.get("run_seconds"), "examples_trained": record.get("examples_trained"),
                          "blessed": record.get("blessed"), "rolled_back": record.get("rolled_back"),
                          "component_seconds": record.get("component_seconds", {})}
+            segments = run.get("segments", {}).get(span, {})
+            row[mode].update({k: v for k, v in segments.items() if k != "auc"})
         for name, by_span in result["others"].items():
             if span in by_span:
                 row[name] = by_span[span]
@@ -179,6 +223,9 @@ def mean(values) -> Optional[float]:
 
 def summarize(name: str, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     summary: Dict[str, Any] = {"mean_auc": {m: mean(r.get(m, {}).get("auc") for r in rows) for m in MODELS}}
+    for segment in ("new_users", "returning_users"):
+        summary[f"mean_auc_{segment}"] = {m: mean(r.get(m, {}).get(f"auc_{segment}") for r in rows) for m in MODELS}
+    summary["new_user_share"] = mean(r.get("new_user_share") for r in rows)
     last = rows[-1] if rows else {}
     summary["last_span"] = last.get("span")
     summary["train_seconds_last_span"] = {m: last.get(m, {}).get("train_seconds") for m in MODELS}
@@ -239,6 +286,12 @@ def markdown(results: Dict[str, Any]) -> str:
                     + [""] * 6)
         parts.append(markdown_table(["span", *MODELS, "inc train s", "full train s", "inc run s", "full run s",
                                      "inc examples", "full examples"], rows))
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        parts += ["", f"Mean AUC by user (new: no interaction in an earlier span; "
+                      f"{100 * (s['new_user_share'] or 0):.0f}% of rows on average):", "",
+                  markdown_table(["users", *MODELS],
+                                 [[segment.replace("_", " "), *[fmt(s[f"mean_auc_{segment}"][m]) for m in MODELS]]
+                                  for segment in ("new_users", "returning_users")])]
         if s.get("incremental_component_seconds"):
             parts += ["", "Where an incremental span's time goes (mean seconds per component, MLMD execution times):",
                       "", markdown_table(["component", "seconds"],
@@ -279,6 +332,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
                               label=f"{model} run (pipeline)")
         axes[row][1].set(title=f"{name}: seconds per span", xlabel="span", ylabel="seconds")
         for ax in axes[row]:
+            ax.set_xticks(spans)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -300,7 +354,16 @@ def main() -> int:
     parser.add_argument("--config", help="IncrecConfig JSON applied to every pipeline run")
     parser.add_argument("--scratch", help="directory for data and work directories (default: a temporary one)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prequential.json"))
+    parser.add_argument("--reuse", action="store_true",
+                        help="rebuild the report from the work directories in --scratch and the ablations in --out "
+                             "of an earlier run, without running the pipelines again")
     args = parser.parse_args()
+    if args.reuse and not args.scratch:
+        parser.error("--reuse needs the --scratch of the earlier run")
+    earlier = {}
+    if args.reuse and os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
     quiet_tensorflow()
     DATASETS["movielens"]["input"] = Path(args.movielens)
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="increc-prequential-"))
@@ -312,21 +375,31 @@ def main() -> int:
     for name in args.datasets.split(","):
         spec = DATASETS[name]
         data = scratch / name / "data"
-        increc("prepare", "--format", spec["format"], "--input", str(spec["input"]), "--out", str(data),
-               "--spans", str(args.spans), "--label-threshold", str(spec["label_threshold"]), "--overwrite")
         result: Dict[str, Any] = {"modes": {}}
-        for mode in args.modes.split(","):
-            work = scratch / name / f"work-{mode}"
-            shutil.rmtree(work, ignore_errors=True)
-            print(f"== {name}: {mode}", flush=True)
-            result["modes"][mode] = run_mode(data, work, mode, args.spans, args.serve and mode == "incremental",
-                                             extra)
+        if args.reuse:
+            for mode in args.modes.split(","):
+                previous = earlier.get("datasets", {}).get(name, {}).get("modes", {}).get(mode, {})
+                result["modes"][mode] = reused_mode(scratch / name / f"work-{mode}", data, previous)
+        else:
+            increc("prepare", "--format", spec["format"], "--input", str(spec["input"]), "--out", str(data),
+                   "--spans", str(args.spans), "--label-threshold", str(spec["label_threshold"]), "--overwrite")
+            for mode in args.modes.split(","):
+                work = scratch / name / f"work-{mode}"
+                shutil.rmtree(work, ignore_errors=True)
+                print(f"== {name}: {mode}", flush=True)
+                result["modes"][mode] = run_mode(data, work, mode, args.spans, args.serve and mode == "incremental",
+                                                 extra)
         reference = scratch / name / f"work-{args.modes.split(',')[0]}"
-        result["others"] = frozen_and_peers(reference, span_rows(reference))
+        rows = span_rows(reference)
+        result["others"] = frozen_and_peers(reference, rows)
+        for run in result["modes"].values():
+            run["segments"] = served_segments(run, rows)
         result["per_span"] = per_span(result)
+        for row in result["per_span"]:
+            row["new_user_share"] = float(new_user_mask(rows, row["span"]).mean())
         result["summary"] = summarize(name, result["per_span"])
-        result["ablations"] = []
-        if args.ablations and "incremental" in result["modes"]:
+        result["ablations"] = earlier.get("datasets", {}).get(name, {}).get("ablations", []) if args.reuse else []
+        if args.ablations and "incremental" in result["modes"] and not args.reuse:
             for variant in args.ablations.split(","):
                 print(f"== {name}: ablation {variant}", flush=True)
                 with tempfile.TemporaryDirectory(prefix="increc-ablation-") as tmp:
@@ -335,6 +408,7 @@ def main() -> int:
                 result["ablations"].append(dict(run, variant=variant))
         for run in result["modes"].values():
             run["records"] = {str(k): v for k, v in run["records"].items()}
+            run["segments"] = {str(k): v for k, v in run["segments"].items()}
         result["others"] = {m: {str(k): v for k, v in by.items()} for m, by in result["others"].items()}
         results["datasets"][name] = result
 
