@@ -77,3 +77,18 @@ def test_distillation_trains_against_the_label_blended_with_the_teacher():
 def test_unknown_optimizer_is_refused_by_name():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         ranking_model.build(spec(), 0.1, "sgd-with-hope")
+
+
+def test_training_curves_are_written_where_tensorboard_looks(tmp_path):
+    from models.trainer import write_curves
+
+    write_curves(str(tmp_path), {"loss": [0.7, 0.6], "auc": [0.6, 0.7]}, {"loss": 0.65, "auc": 0.68})
+    found = {}
+    for split in ("train", "validation"):
+        for events in (tmp_path / split).glob("events.out.tfevents*"):
+            for event in tf.compat.v1.train.summary_iterator(str(events)):
+                for value in event.summary.value:
+                    found[(split, value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+    assert found == pytest.approx({("train", "epoch_loss", 0): 0.7, ("train", "epoch_loss", 1): 0.6,
+                                   ("train", "epoch_auc", 0): 0.6, ("train", "epoch_auc", 1): 0.7,
+                                   ("validation", "epoch_loss", 1): 0.65, ("validation", "epoch_auc", 1): 0.68})
