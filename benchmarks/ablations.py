@@ -18,7 +18,7 @@ Vocabularies and feature scaling come from the backfill's Transform graphs,
 so a variant may change anything in the Trainer (model, optimizer, epochs,
 replay) but not the features. Not a test; prints a table and writes JSON.
 
-    python benchmarks/ablations.py --work WORK --variants default,adagrad --out results.json
+    python benchmarks/ablations.py --work WORK --variants default,adam,no_replay --out results.json
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import markdown_table, quiet_tensorflow, write_json  # noqa: E402
+from components.ingest import HISTORY_COLUMNS  # noqa: E402
 
 # Each variant overrides the work directory's trainer settings (IncrecConfig fields).
 VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -52,8 +53,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "lr_0.03": {"learning_rate": 0.03},
     "lr_0.3": {"learning_rate": 0.3},
     "no_side_features": {"side_features": False},
-    "no_history_features": {"ignored_features": ["user_history", "user_history_mean", "item_history",
-                                                 "item_history_mean"]},
+    "no_history_features": {"ignored_features": list(HISTORY_COLUMNS)},
     "no_bias": {"id_bias": False},
     "embedding_8": {"embedding_dim": 8},
     "distill_0.5": {"distillation_weight": 0.5},
