@@ -82,9 +82,9 @@ def split_files(examples_uri: str, split: str) -> List[str]:
 
 
 def read_split(examples_uri: str, split: str) -> List[bytes]:
-    from models.trainer import read_examples
+    from models.records import read_records
 
-    return read_examples(split_files(examples_uri, split))
+    return read_records(split_files(examples_uri, split))
 
 
 def replay(work_dir: str, settings: Dict[str, Any], mode: str, scratch: str,

@@ -70,10 +70,10 @@ def anomaly_messages(anomalies: types.Artifact) -> List[str]:
 
 def read_examples(examples: types.Artifact) -> List[bytes]:
     """Every split of an Examples artifact, serialized."""
-    from models.trainer import read_examples as read_files
+    from models.records import read_records
 
-    return read_files([os.path.join(artifact_utils.get_split_uri([examples], split), "*")
-                       for split in artifact_utils.decode_split_names(examples.split_names)])
+    return read_records([os.path.join(artifact_utils.get_split_uri([examples], split), "*")
+                         for split in artifact_utils.decode_split_names(examples.split_names)])
 
 
 def labels_of(records: List[bytes]) -> np.ndarray:

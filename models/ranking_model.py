@@ -8,7 +8,7 @@ Every layer has a fixed name: warm start matches weights by those names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
@@ -74,7 +74,7 @@ class RankingModel(tfrs.models.Model):
         self.deep = [tf.keras.layers.Dense(units, activation="relu", name=f"deep_{i}")
                      for i, units in enumerate(spec.deep_layers)]
         self.head = tf.keras.layers.Dense(1, name="head")
-        self.soft_loss = tf.keras.losses.BinaryCrossentropy(from_logits=True)
+        self.cross_entropy = tf.keras.losses.BinaryCrossentropy(from_logits=True)
         self.task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
             metrics=[tf.keras.metrics.AUC(name="auc", from_logits=True)],
@@ -100,16 +100,22 @@ class RankingModel(tfrs.models.Model):
             logit += bias(features[F.index_name(f)])
         return tf.squeeze(logit, axis=1)
 
-    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
-        features, labels = inputs
+    def loss_and_logits(self, features: Dict[str, tf.Tensor], labels: tf.Tensor,
+                        training: bool = False) -> Tuple[tf.Tensor, tf.Tensor]:
+        """Mean cross-entropy and the logits, metrics untouched (the Trainer's loop keeps its own)."""
         features = dict(features)
         target = features.pop(TARGET, None)
         logits = self(features, training=training)
-        loss = self.task(labels=tf.cast(labels, tf.float32), predictions=logits)  # metrics see the real labels
-        if target is None:
-            return loss
         # Distillation: the loss is taken against the label blended with the serving model's probability.
-        return self.soft_loss(tf.expand_dims(target, 1), tf.expand_dims(logits, 1))
+        target = tf.cast(labels, tf.float32) if target is None else target
+        return self.cross_entropy(tf.expand_dims(target, 1), tf.expand_dims(logits, 1)), logits
+
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        """Keras' hook (fit/evaluate): the same loss, and the task's metrics updated on the real labels."""
+        features, labels = inputs
+        loss, logits = self.loss_and_logits(features, labels, training=training)
+        self.task(labels=tf.cast(labels, tf.float32), predictions=logits)
+        return loss
 
 
 def build(spec: ModelSpec, learning_rate: float, optimizer: str = "adagrad") -> RankingModel:

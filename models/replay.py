@@ -16,6 +16,8 @@ from typing import List
 import numpy as np
 import tensorflow as tf
 
+from models.records import read_records
+
 RECORDS = "reservoir.tfrecord.gz"
 STATE = "reservoir.json"
 
@@ -33,8 +35,7 @@ class Reservoir:
             with tf.io.gfile.GFile(state_path) as f:
                 state = json.load(f)
             self.seen, self.sources = int(state["seen"]), list(state["sources"])
-            records = os.path.join(directory, RECORDS)
-            self.examples = [r.numpy() for r in tf.data.TFRecordDataset(records, compression_type="GZIP")]
+            self.examples = read_records([os.path.join(directory, RECORDS)])
 
     def __len__(self) -> int:
         return len(self.examples)
