@@ -63,9 +63,15 @@ def free_port() -> int:
 
 
 def latest_records(work: Path) -> Dict[int, Dict[str, Any]]:
+    """Each span's newest history record, its paths made relative to WORK so the report travels."""
     from pipeline.local_runner import read_history
 
-    return {r["span"]: r for r in read_history(str(work)) if r.get("span") is not None}
+    def relative(value: Any) -> Any:
+        inside = isinstance(value, str) and value.startswith(str(work) + os.sep)
+        return os.path.relpath(value, work) if inside else value
+
+    return {r["span"]: {k: relative(v) for k, v in r.items()} for r in read_history(str(work))
+            if r.get("span") is not None}
 
 
 def run_mode(data: Path, work: Path, mode: str, spans: int, serve: bool, extra: List[str]) -> Dict[str, Any]:
