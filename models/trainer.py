@@ -124,9 +124,9 @@ def fit(model: ranking_model.RankingModel, dataset: tf.data.Dataset, epochs: int
     """Trains for `epochs` passes; returns each epoch's training loss and AUC.
 
     A span's training is a few hundred cheap steps, so per-model set-up is most
-    of its cost: Keras' fit traced a heavier step (metrics, callbacks, autograph)
-    and traced it again on new sparse shapes, ~1.5 s per span against ~0.2 s of
-    optimisation. Metrics here are computed in numpy once per epoch.
+    of its cost: Keras' fit (a heavier step, traced again on new sparse shapes)
+    took ~1.5 s per span against ~0.2 s of optimisation. Metrics are computed in
+    numpy once per epoch, outside the traced step.
     """
     step = train_step(model, dataset.element_spec)
     history: Dict[str, List[float]] = {}
@@ -207,8 +207,7 @@ def run_fn(fn_args: FnArgs) -> None:
     fit_started = time.time()
     history = fit(model, train_ds, int(config["epochs"]))
     train_seconds = time.time() - fit_started
-    # Monitoring runs after training: validating inside fit and Keras' TensorBoard callback cost about
-    # a second of tracing and writer set-up per span, more than the optimisation of a 10k-row span.
+    # Validation and curves come after training, outside the measured train seconds.
     validation = validate(model, eval_ds) if eval_ds is not None else {}
     write_curves(log_dir, history, validation)
 
