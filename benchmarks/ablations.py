@@ -109,8 +109,8 @@ def replay(work_dir: str, settings: Dict[str, Any], mode: str, scratch: str,
     out = []
     for span in sorted(spans):
         paths = spans[span]
-        everything = read_split(paths["examples"], "train") + read_split(paths["examples"], "eval")
         eval_records = read_split(paths["examples"], "eval")
+        everything = read_split(paths["examples"], "train") + eval_records
         live = auc(labels_of(everything), score_examples(serving, everything)) if serving else None
         train_files = split_files(paths["examples"], "train")
         if mode == "full":
