@@ -126,40 +126,49 @@ def read_range(header: Header, byte_range: ByteRange,
                position: RangePosition = RangePosition(0, 0)) -> Iterator[Record]:
     """Every record that starts in the range: (line, fields, '') or (line, None, reason).
 
-    Blank lines are skipped. A record may run past the range's end; the next
-    range skips it, because it starts before that range.
+    Blank lines are skipped. The last record may run past the range's end; the
+    next range skips it, because it starts before that range.
     """
+    start, end = byte_range.start, byte_range.end
     with _open(byte_range.path) as f:
-        start, line = _first_record(f, header, byte_range, position)
-        if start is None:
-            return
+        starts_a_record = start <= header.data_start
+        if not starts_a_record:
+            f.seek(start - 1)
+            starts_a_record = f.read(1) == b"\n" and position.quotes_before % 2 == 0
         f.seek(start)
-        ends = [start]  # ends[k]: byte offset where the (k+1)-th line fed to the csv reader ends
-
-        def lines() -> Iterator[bytes]:
-            for raw in _lines(f):
-                ends.append(ends[-1] + len(raw))
-                yield raw
-
-        reader = csv.reader(_decoded(byte_range.path, lines(), line), strict=False)
-        consumed = 0  # lines the reader has taken; the next record starts at ends[consumed]
-        while ends[consumed] < byte_range.end:
-            record_line = line + consumed
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
+        chunk = f.read(end - start)
+        first = 0
+        if not starts_a_record:
+            first = _boundary_after(chunk, position.quotes_before)
+            if first is None or first >= len(chunk):
+                return  # no record starts in this range
+        line = header.data_line + position.lines_before + chunk.count(b"\n", 0, first)
+        data = chunk[first:] + _rest_of_record(f, chunk, end, position.quotes_before + chunk.count(b'"'))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad_line = line + data.count(b"\n", 0, e.start)
+        raise CsvError(f"{byte_range.path}, line {bad_line}: not valid UTF-8 ({e.reason})") from None
+    reader = csv.reader(_with_newlines(text), strict=False)
+    width = len(header.columns)
+    consumed = 0  # lines the reader has taken before the current record
+    while True:
+        try:
+            for fields in reader:
+                record_line = line + consumed
                 consumed = reader.line_num
-                yield record_line, None, f"unparseable CSV: {e}"
-                continue
+                if len(fields) == width and fields[0].strip():
+                    yield record_line, fields, ""
+                elif not fields or all(not v.strip() for v in fields):
+                    continue  # a blank line is not a record
+                elif len(fields) != width:
+                    yield record_line, None, f"expected {width} fields, found {len(fields)}"
+                else:
+                    yield record_line, fields, ""
+            return
+        except csv.Error as e:
+            yield line + consumed, None, f"unparseable CSV: {e}"
             consumed = reader.line_num
-            if not fields or all(not v.strip() for v in fields):
-                continue
-            if len(fields) != len(header.columns):
-                yield record_line, None, f"expected {len(header.columns)} fields, found {len(fields)}"
-                continue
-            yield record_line, fields, ""
 
 
 def read_file(path: str, required: Sequence[str] = ()) -> Tuple[Header, Iterator[Record]]:
@@ -199,27 +208,51 @@ def _decoded(path: str, lines: Iterator[bytes], first_line: int) -> Iterator[str
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise CsvError(f"{path}, line {number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            raise CsvError(f"{path}, line {number}: not valid UTF-8 ({e.reason})") from None
 
 
-def _first_record(f, header: Header, byte_range: ByteRange, position: RangePosition) -> Tuple[Optional[int], int]:
-    """(byte offset, line) of the first record that starts in the range, or (None, 0) when none does."""
-    if byte_range.start <= header.data_start:
-        return header.data_start, header.data_line
-    line = header.data_line + position.lines_before  # the line that holds byte `start`
-    f.seek(byte_range.start - 1)
-    if f.read(1) == b"\n" and position.quotes_before % 2 == 0:
-        return byte_range.start, line
-    # Otherwise the first record starts after the first newline preceded by an even number of quotes.
-    at, quotes = byte_range.start, position.quotes_before
-    for raw in _lines(f):
-        if not raw.endswith(b"\n"):
-            return None, 0
-        quotes += raw.count(b'"')
-        at += len(raw)
-        line += 1
-        if at >= byte_range.end:
-            return None, 0
+def _with_newlines(text: str) -> Iterator[str]:
+    """The lines of text split at "\\n" only, each with its newline, for the csv module."""
+    lines = text.split("\n")
+    last = lines.pop()
+    for line in lines:
+        yield line + "\n"
+    if last:
+        yield last
+
+
+def _boundary_after(data: bytes, quotes: int) -> Optional[int]:
+    """Index just past the first newline of data that an even number of quotes precede, or None.
+
+    `quotes` counts the quotes before data.
+    """
+    at = 0
+    while True:
+        newline = data.find(b"\n", at)
+        if newline < 0:
+            return None
+        quotes += data.count(b'"', at, newline)
         if quotes % 2 == 0:
-            return at, line
-    return None, 0
+            return newline + 1
+        at = newline + 1
+
+
+def _rest_of_record(f, chunk: bytes, end: int, quotes: int) -> bytes:
+    """The bytes after `end` up to where the range's last record ends (f is positioned at `end`).
+
+    `quotes` counts the quotes before `end`.
+    """
+    if not chunk or (chunk.endswith(b"\n") and quotes % 2 == 0):
+        return b""
+    tail = []
+    while True:
+        block = f.read(1 << 16)
+        if not block:
+            break
+        cut = _boundary_after(block, quotes)
+        if cut is not None:
+            tail.append(block[:cut])
+            break
+        tail.append(block)
+        quotes += block.count(b'"')
+    return b"".join(tail)

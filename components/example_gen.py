@@ -1,101 +1,65 @@
-"""SpanExampleGen: reads one span of raw interaction CSV into tf.Examples with Beam.
+"""SpanExampleGen: one span of raw interaction CSV into tf.Examples, with Beam, in bounded memory.
 
 What the stock CsvExampleGen does not do and increc needs:
 - quoted fields that hold commas or newlines, with errors that name file and line;
 - `|`-separated values become multi-valued categoricals;
-- the optional `items.csv` / `users.csv` side tables are joined in (in Beam);
+- the optional `items.csv` / `users.csv` side tables are joined in;
 - malformed rows are counted and dropped under a bad-row budget, and the run
   fails, naming the rows, when the budget is exceeded;
-- the eval split is the last `eval_fraction` of the span by time, not a hash.
+- the eval split is the newest `eval_fraction` of the span by time, not a hash.
+
+The span's files are cut into byte ranges (components/csv_reader.py) and
+every pass is a ParDo over those ranges; only per-range summaries travel
+between passes, so no worker holds the span (docs/ARCHITECTURE.md,
+"Streaming ingestion"):
+  1. count   newlines and quotes per range: where each range's records start;
+  2. survey  good and bad rows, each column's kind, rows per second (the
+             bad-row budget is enforced here, before anything is encoded);
+             the rows per second give the exact eval cut;
+  3. encode  rows joined with the side tables into Arrow batches, turned into
+             tf.Examples by tfx-bsl's encoder, written per range as gzipped
+             TFRecord files of the train and eval splits.
 """
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
+import heapq
 import json
 import math
 import os
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+import uuid
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import tensorflow as tf
-from tfx.components.example_gen import base_example_gen_executor
 from tfx.components.example_gen.component import FileBasedExampleGen
-from tfx.dsl.components.base import executor_spec
+from tfx.components.util import examples_utils
+from tfx.dsl.components.base import base_beam_executor, executor_spec
 from tfx.proto import example_gen_pb2, range_config_pb2
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import proto_utils
 
+from components import csv_reader
 from models import features as F
 
 REQUIRED_COLUMNS = (F.USER_ID, F.ITEM_ID, F.TIMESTAMP, F.LABEL)
 SIDE_TABLES = {"items.csv": F.ITEM_ID, "users.csv": F.USER_ID}
-BAD_ROWS_FILE = "bad_rows.jsonl"
+BAD_ROWS_FILE = "bad_rows.json"
 SHOWN_BAD_ROWS = 5
+LISTED_BAD_ROWS = 1000  # bad rows named in the report; the count is always exact
+ENCODE_BATCH = 32768  # rows per Arrow batch handed to the encoder
+HISTOGRAM_BUCKETS = 1 << 16
+RECORD_PREFIX = "data_tfrecord"
 
 
 class MalformedInputError(ValueError):
     """Raised when a span or side table cannot be read, or too many rows are bad."""
 
 
-# --- reading CSV files (pure Python, used inside Beam DoFns) ---
-
-def read_csv(path: str, required: Tuple[str, ...]) -> Iterator[Tuple[int, Optional[Dict[str, str]], str]]:
-    """Yields (line, row or None, reason) for every record of a CSV file.
-
-    `line` is the 1-based line where the record starts, so a quoted field with
-    newlines still points at the right place. A missing required column fails
-    at once: no row of such a file can be read.
-    """
-    with tf.io.gfile.GFile(path, "r") as f:
-        text = f.read()
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise MalformedInputError(f"{path}: the file is empty (a header row is required)")
-    except csv.Error as e:
-        raise MalformedInputError(f"{path}, line 1: unreadable header: {e}")
-    header = [h.strip() for h in header]
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise MalformedInputError(
-            f"{path}: missing required column(s) {', '.join(missing)} (header: {', '.join(header)})")
-    if len(set(header)) != len(header):
-        raise MalformedInputError(f"{path}: duplicate column names in header: {', '.join(header)}")
-    next_line = reader.line_num + 1
-    while True:
-        start = next_line
-        try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            next_line = reader.line_num + 1
-            yield start, None, f"unparseable CSV: {e}"
-            continue
-        next_line = reader.line_num + 1
-        if not record or all(not v.strip() for v in record):
-            continue  # blank lines are not rows
-        if len(record) != len(header):
-            yield start, None, f"expected {len(header)} fields, found {len(record)}"
-            continue
-        yield start, dict(zip(header, record)), ""
-
-
-def check_interaction(row: Dict[str, str]) -> str:
-    """Returns why an interaction row is malformed, or '' when it is fine."""
-    for column in (F.USER_ID, F.ITEM_ID):
-        if not row[column].strip():
-            return f"empty {column}"
-    try:
-        int(row[F.TIMESTAMP].strip())
-    except ValueError:
-        return f"timestamp {row[F.TIMESTAMP]!r} is not an integer (Unix seconds)"
-    if row[F.LABEL].strip() not in ("0", "1"):
-        return f"label {row[F.LABEL]!r} is not 0 or 1"
-    return ""
-
+# --- values ---
 
 def is_number(value: str) -> bool:
     try:
@@ -104,217 +68,545 @@ def is_number(value: str) -> bool:
         return False
 
 
-def column_kinds(rows: List[Dict[str, str]], columns: List[str]) -> Dict[str, str]:
-    """'numeric' for a column whose every non-empty value is a number, else 'categorical'."""
-    return {c: _combine_kinds(_value_kind(r.get(c, "").strip()) for r in rows) or "categorical" for c in columns}
-
-
-def to_example(row: Dict[str, str], kinds: Dict[str, str]) -> tf.train.Example:
-    feature = {
-        F.USER_ID: _bytes([row[F.USER_ID].strip()]),
-        F.ITEM_ID: _bytes([row[F.ITEM_ID].strip()]),
-        F.TIMESTAMP: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(row[F.TIMESTAMP])])),
-        F.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(row[F.LABEL])])),
-    }
-    for column, kind in kinds.items():
-        value = (row.get(column) or "").strip()
-        if kind == "numeric":
-            floats = [float(value)] if value else []
-            feature[column] = tf.train.Feature(float_list=tf.train.FloatList(value=floats))
-        else:
-            parts = [p.strip() for p in value.split(F.MULTI_VALUE_SEPARATOR)] if value else []
-            feature[column] = _bytes([p for p in parts if p])
-    return tf.train.Example(features=tf.train.Features(feature=feature))
-
-
-def _bytes(values: List[str]) -> tf.train.Feature:
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode("utf-8") for v in values]))
-
-
-def read_side_table(path: str, key: str) -> Tuple[Dict[str, Dict[str, str]], List[str]]:
-    """A side table as {key: row}, and its feature columns. Bad side-table rows fail at once."""
-    table = {}
-    columns: List[str] = []
-    for line, row, reason in read_csv(path, (key,)):
-        if row is None:
-            raise MalformedInputError(f"{path}, line {line}: {reason}")
-        k = row[key].strip()
-        if not k:
-            raise MalformedInputError(f"{path}, line {line}: empty {key}")
-        if k in table:
-            raise MalformedInputError(f"{path}, line {line}: duplicate {key} {k!r}")
-        table[k] = row
-        if not columns:
-            columns = [c for c in row if c != key]
-    return table, columns
-
-
-def budget_error(total: int, bad: List[Dict[str, Any]], budget: float) -> Optional[str]:
-    """The error message when the bad rows exceed the budget, else None (total: good rows)."""
-    allowed = int(math.floor((total + len(bad)) * budget))
-    if len(bad) <= allowed:
-        return None
-    shown = "\n".join(f"  {b['file']}, line {b['line']}: {b['reason']}" for b in bad[:SHOWN_BAD_ROWS])
-    more = f"\n  ... and {len(bad) - SHOWN_BAD_ROWS} more" if len(bad) > SHOWN_BAD_ROWS else ""
-    return (f"{len(bad)} malformed row(s) out of {total + len(bad)} exceed the bad-row budget "
-            f"({budget:.2%} of the span = {allowed} row(s)):\n{shown}{more}")
-
-
-# --- the Beam pipeline ---
-
-class _ParseSpan(beam.DoFn):
-    def process(self, path):
-        for line, row, reason in read_csv(path, REQUIRED_COLUMNS):
-            if row is not None:
-                reason = check_interaction(row)
-            if reason:
-                yield beam.pvalue.TaggedOutput("bad", {"file": path, "line": line, "reason": reason})
-            else:
-                yield (int(row[F.TIMESTAMP]), path, line), row
-
-
-def _join(keyed_row, items, users):
-    key, row = keyed_row
-    joined = dict(row)
-    for table, id_column in ((items, F.ITEM_ID), (users, F.USER_ID)):
-        side = table.get(row[id_column].strip(), {})
-        for column, value in side.items():
-            if column != id_column and column not in row:
-                joined[column] = value
-    return key, joined
-
-
-def _side_table(pipeline, name: str, path: str):
-    """A singleton PCollection holding (table, column kinds) of one side table ({} when absent)."""
-    key = SIDE_TABLES[name]
-    files = [path] if tf.io.gfile.exists(path) else []
-    return (pipeline
-            | f"Create[{name}]" >> beam.Create(files)
-            | f"Read[{name}]" >> beam.Map(_read_side_table_with_kinds, key)
-            | f"One[{name}]" >> beam.combiners.ToList()
-            | f"Unwrap[{name}]" >> beam.Map(lambda tables: tables[0] if tables else ({}, {})))
-
-
-def _read_side_table_with_kinds(path, key):
-    table, columns = read_side_table(path, key)
-    return table, column_kinds(list(table.values()), columns)
-
-
-def _value_kind(value: str) -> str:
-    if not value:
-        return ""
-    return "numeric" if is_number(value) else "categorical"
-
-
-def _merge_kinds(span_kinds, items, users):
-    """Kinds of every feature column; an all-empty column is categorical. The span's own columns win."""
-    kinds = {}
-    for side_kinds in (users[1], items[1]):
-        kinds.update(side_kinds)
-    kinds.update(span_kinds)
-    return {c: (k or "categorical") for c, k in sorted(kinds.items())}
-
-
-class Executor(base_example_gen_executor.BaseExampleGenExecutor):
-    """Beam executor behind SpanExampleGen."""
-
-    def GetInputSourceToExamplePTransform(self) -> beam.PTransform:
-        raise NotImplementedError("SpanExampleGen builds both splits in GenerateExamplesByBeam")
-
-    def GenerateExamplesByBeam(self, pipeline, exec_properties):
-        input_config = example_gen_pb2.Input()
-        proto_utils.json_to_proto(exec_properties[standard_component_specs.INPUT_CONFIG_KEY], input_config)
-        custom = json.loads(exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY) or "{}")
-        input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
-        pattern = os.path.join(input_base, input_config.splits[0].pattern)
-        files = sorted(tf.io.gfile.glob(pattern))
-        if not files:
-            raise MalformedInputError(f"no span file matches {pattern}")
-        eval_fraction = float(custom.get("eval_fraction", 0.1))
-        budget = float(custom.get("bad_row_budget", 0.001))
-        report_path = custom["_bad_rows_report"]
-
-        side_paths = {name: os.path.join(input_base, name) for name in SIDE_TABLES}
-        items = _side_table(pipeline, "items.csv", side_paths["items.csv"])
-        users = _side_table(pipeline, "users.csv", side_paths["users.csv"])
-
-        parsed = (pipeline
-                  | "SpanFiles" >> beam.Create(files)
-                  | "Parse" >> beam.ParDo(_ParseSpan()).with_outputs("bad", main="rows"))
-        bad = parsed.bad | "BadToList" >> beam.combiners.ToList()
-
-        # A column's kind is decided over the whole span (side tables: over the
-        # whole table), so one odd value cannot flip the type of a single row.
-        span_kinds = (parsed.rows
-                      | "Values" >> beam.FlatMap(lambda kr: [(c, v.strip()) for c, v in kr[1].items() if c not in REQUIRED_COLUMNS])
-                      | "KindPerValue" >> beam.Map(lambda cv: (cv[0], _value_kind(cv[1])))
-                      | "KindPerColumn" >> beam.CombinePerKey(_combine_kinds)
-                      | "KindsDict" >> beam.combiners.ToDict())
-        kinds = (span_kinds
-                 | "AllKinds" >> beam.Map(_merge_kinds, beam.pvalue.AsSingleton(items), beam.pvalue.AsSingleton(users)))
-        rows = (parsed.rows
-                | "JoinSideTables" >> beam.Map(
-                    lambda kr, it, us: _join(kr, it[0], us[0]),
-                    beam.pvalue.AsSingleton(items), beam.pvalue.AsSingleton(users)))
-
-        count = rows | "Count" >> beam.combiners.Count.Globally()
-        _ = (count
-             | "CheckBudget" >> beam.Map(_enforce_budget, beam.pvalue.AsSingleton(bad), budget, report_path))
-
-        # The eval split is the newest eval_fraction of the span: rows ordered by
-        # (timestamp, file, line), cut at an exact rank.
-        cutoff = (rows
-                  | "Keys" >> beam.Map(lambda kr: kr[0])
-                  | "SortedKeys" >> beam.combiners.ToList()
-                  | "Cutoff" >> beam.Map(_eval_cutoff, eval_fraction))
-        examples = rows | "ToExample" >> beam.Map(
-            lambda kr, k: (kr[0], to_example(kr[1], k)), beam.pvalue.AsSingleton(kinds))
-        train, eval_ = (examples
-                        | "SplitByTime" >> beam.Partition(
-                            lambda ke, n, cut: 1 if ke[0] > cut else 0, 2, beam.pvalue.AsSingleton(cutoff)))
-        return {
-            "train": train | "TrainValues" >> beam.Map(lambda ke: ke[1]),
-            "eval": eval_ | "EvalValues" >> beam.Map(lambda ke: ke[1]),
-        }
-
-    def Do(self, input_dict, output_dict, exec_properties):
-        examples = artifact_utils.get_single_instance(output_dict[standard_component_specs.EXAMPLES_KEY])
-        custom = json.loads(exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY) or "{}")
-        report_path = os.path.join(examples.uri, BAD_ROWS_FILE)
-        custom["_bad_rows_report"] = report_path
-        exec_properties = dict(exec_properties)
-        exec_properties[standard_component_specs.CUSTOM_CONFIG_KEY] = json.dumps(custom)
-        super().Do(input_dict, output_dict, exec_properties)
-        with tf.io.gfile.GFile(report_path) as f:
-            report = json.load(f)
-        examples.set_int_custom_property("rows", report["rows"])
-        examples.set_int_custom_property("bad_rows", len(report["bad_rows"]))
-
-
-def _combine_kinds(kinds):
+def combine_kinds(kinds) -> str:
     seen = set(k for k in kinds if k)
     if "categorical" in seen:
         return "categorical"
     return "numeric" if seen else ""
 
 
-def _eval_cutoff(keys, eval_fraction):
-    keys = sorted(keys)
-    if len(keys) < 2:
-        return keys[-1] if keys else None
-    n_eval = max(1, int(round(len(keys) * eval_fraction)))
-    return keys[len(keys) - n_eval - 1]
+def kind_of(values: pa.Array) -> str:
+    """'numeric' when every non-empty value is a finite number, 'categorical' when one is not, '' when all are empty."""
+    values = pc.utf8_trim_whitespace(values)
+    present = values.filter(pc.greater(pc.utf8_length(values), 0))
+    if len(present) == 0:
+        return ""
+    try:
+        numbers = pc.cast(present, pa.float64())
+        if pc.all(pc.is_finite(numbers)).as_py():
+            return "numeric"
+    except pa.ArrowInvalid:
+        pass
+    # Arrow's number syntax is narrower than Python's float(): ask Python before calling it text.
+    return "numeric" if all(is_number(v) for v in present.to_pylist()) else "categorical"
 
 
-def _enforce_budget(total, bad, budget, report_path):
-    bad = sorted(bad, key=lambda b: (b["file"], b["line"]))
-    message = budget_error(total, bad, budget)
+def column_kinds(columns: Dict[str, pa.Array]) -> Dict[str, str]:
+    """The kind of each column from all of its values; an all-empty column is categorical."""
+    return {name: kind_of(values) or "categorical" for name, values in columns.items()}
+
+
+# --- the span's files ---
+
+@dataclasses.dataclass(frozen=True)
+class SpanFile:
+    index: int
+    header: csv_reader.Header
+
+    def column(self, name: str) -> int:
+        return self.header.columns.index(name)
+
+
+def span_files(pattern: str, range_bytes: int) -> Tuple[List[SpanFile], List[Tuple[int, csv_reader.ByteRange]]]:
+    """The span's CSV files (headers checked) and their byte ranges; fails at once naming a bad file."""
+    paths = sorted(tf.io.gfile.glob(pattern))
+    if not paths:
+        raise MalformedInputError(f"no span file matches {pattern}")
+    files, ranges = [], []
+    for index, path in enumerate(paths):
+        try:
+            header = csv_reader.read_header(path, REQUIRED_COLUMNS)
+        except csv_reader.CsvError as e:
+            raise MalformedInputError(str(e)) from None
+        files.append(SpanFile(index, header))
+        ranges += [(index, r) for r in csv_reader.plan_ranges(header, range_bytes)]
+    return files, ranges
+
+
+def check_interaction(fields: List[str], at: Tuple[int, int, int, int]) -> str:
+    """Why an interaction row is malformed, or '' (at: positions of user, item, timestamp, label)."""
+    user, item, timestamp, label = at
+    if not fields[user].strip():
+        return f"empty {F.USER_ID}"
+    if not fields[item].strip():
+        return f"empty {F.ITEM_ID}"
+    try:
+        int(fields[timestamp])
+    except ValueError:
+        return f"timestamp {fields[timestamp]!r} is not an integer (Unix seconds)"
+    if fields[label].strip() not in ("0", "1"):
+        return f"label {fields[label]!r} is not 0 or 1"
+    return ""
+
+
+@dataclasses.dataclass
+class RowBatch:
+    """Up to ENCODE_BATCH good rows of a range, column by column, and the bad rows met on the way."""
+
+    lines: np.ndarray
+    columns: Dict[str, pa.Array]  # every column of the file, as text
+    timestamps: np.ndarray
+    labels: np.ndarray
+    bad: List[Tuple[int, str]]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+def read_batches(span_file: SpanFile, byte_range: csv_reader.ByteRange,
+                 position: csv_reader.RangePosition) -> Iterator[RowBatch]:
+    lines, rows, bad = [], [], []
+    try:
+        for line, fields, reason in csv_reader.read_range(span_file.header, byte_range, position):
+            if fields is None:
+                bad.append((line, reason))
+                continue
+            lines.append(line)
+            rows.append(fields)
+            if len(rows) >= ENCODE_BATCH:
+                yield _checked_batch(span_file, lines, rows, bad)
+                lines, rows, bad = [], [], []
+    except csv_reader.CsvError as e:
+        raise MalformedInputError(str(e)) from None
+    if rows or bad:
+        yield _checked_batch(span_file, lines, rows, bad)
+
+
+def _checked_batch(span_file: SpanFile, lines: List[int], rows: List[List[str]], bad: List[Tuple[int, str]]) -> RowBatch:
+    """The interaction checks, column at a time; rows that fail go to `bad` with check_interaction's reason."""
+    names = span_file.header.columns
+    values = list(zip(*rows)) if rows else [() for _ in names]
+    columns = {name: pa.array(column, pa.string()) for name, column in zip(names, values)}
+    ok = np.ones(len(rows), bool)
+    for name in (F.USER_ID, F.ITEM_ID):
+        ok &= pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(columns[name])), 0).to_numpy(zero_copy_only=False)
+    timestamps, parsed = _integers(columns[F.TIMESTAMP])
+    label = pc.utf8_trim_whitespace(columns[F.LABEL])
+    ok &= parsed & pc.is_in(label, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
+    labels = pc.equal(label, "1").to_numpy(zero_copy_only=False).astype(np.int64)
+    if not ok.all():
+        at = tuple(span_file.column(c) for c in REQUIRED_COLUMNS)
+        bad = sorted(bad + [(lines[i], check_interaction(rows[i], at)) for i in np.flatnonzero(~ok)])
+        keep = pa.array(ok)
+        columns = {name: column.filter(keep) for name, column in columns.items()}
+        timestamps, labels = timestamps[ok], labels[ok]
+    return RowBatch(np.array(lines, np.int64)[ok] if rows else np.zeros(0, np.int64), columns, timestamps,
+                    labels, bad)
+
+
+def _integers(values: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+    """(int64 values, which parsed) with Python's int() syntax; 0 where a value is not an integer."""
+    try:
+        return pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False), np.ones(len(values), bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    out, parsed = np.zeros(len(values), np.int64), np.ones(len(values), bool)
+    for i, text in enumerate(values.to_pylist()):
+        try:
+            out[i] = int(text)
+        except (ValueError, OverflowError):
+            parsed[i] = False
+    return out, parsed
+
+
+# --- side tables ---
+
+class SideTable:
+    """A side table in columnar form (Arrow), joined to rows by vectorised key lookup."""
+
+    def __init__(self, path: str, key: str):
+        try:
+            header, records = csv_reader.read_file(path, (key,))
+            at = header.columns.index(key)
+            keys, values, first_line = [], [[] for _ in header.columns], {}
+            for line, fields, reason in records:
+                if fields is None:
+                    raise MalformedInputError(f"{path}, line {line}: {reason}")
+                value = fields[at].strip()
+                if not value:
+                    raise MalformedInputError(f"{path}, line {line}: empty {key}")
+                if value in first_line:
+                    raise MalformedInputError(f"{path}, line {line}: duplicate {key} {value!r} "
+                                              f"(first on line {first_line[value]})")
+                first_line[value] = line
+                keys.append(value)
+                for column, field in zip(values, fields):
+                    column.append(field)
+        except csv_reader.CsvError as e:
+            raise MalformedInputError(str(e)) from None
+        self.key = key
+        self.columns = {name: pa.array(column, pa.string())
+                        for name, column in zip(header.columns, values) if name != key}
+        self.kinds = column_kinds(self.columns)
+        self.keys = pa.array(keys, pa.string())
+
+    def lookup(self, keys: pa.Array) -> Dict[str, pa.Array]:
+        """Each feature column's value for each key; '' where the key is not in the table."""
+        index = pc.index_in(keys, value_set=self.keys)
+        return {name: pc.fill_null(column.take(index), "") for name, column in self.columns.items()}
+
+
+def load_side_tables(input_base: str) -> Dict[str, SideTable]:
+    tables = {}
+    for name, key in SIDE_TABLES.items():
+        path = os.path.join(input_base, name)
+        if tf.io.gfile.exists(path):
+            tables[key] = SideTable(path, key)
+    return tables
+
+
+# --- pass 2: survey ---
+
+@dataclasses.dataclass
+class Survey:
+    """What a pass over rows learnt: counts, bad rows, column kinds, and rows per timestamp."""
+
+    rows: int = 0
+    bad: int = 0
+    listed_bad: List[Tuple[str, int, str]] = dataclasses.field(default_factory=list)  # (file, line, reason)
+    kinds: Dict[str, str] = dataclasses.field(default_factory=dict)  # the span's own feature columns
+    # Distinct timestamps and their row counts. Bounded by the span's duration in seconds, not its rows.
+    seconds: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    per_second: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def merge(self, other: "Survey") -> "Survey":
+        self.rows += other.rows
+        self.bad += other.bad
+        self.listed_bad = heapq.nsmallest(LISTED_BAD_ROWS, self.listed_bad + other.listed_bad)
+        for column, kind in other.kinds.items():
+            self.kinds[column] = combine_kinds([self.kinds.get(column, ""), kind])
+        self.seconds, self.per_second = _count_seconds(np.concatenate([self.seconds, other.seconds]),
+                                                       np.concatenate([self.per_second, other.per_second]))
+        return self
+
+
+def _count_seconds(timestamps: np.ndarray, weights: Optional[np.ndarray] = None):
+    seconds, inverse = np.unique(timestamps, return_inverse=True)
+    counts = np.bincount(inverse, weights=weights, minlength=len(seconds)) if len(seconds) else np.zeros(0)
+    return seconds, counts.astype(np.int64)
+
+
+def survey_range(span_file: SpanFile, byte_range, position) -> Survey:
+    survey = Survey()
+    extra = [c for c in span_file.header.columns if c not in REQUIRED_COLUMNS]
+    survey.kinds = {c: "" for c in extra}
+    for batch in read_batches(span_file, byte_range, position):
+        survey.bad += len(batch.bad)
+        room = LISTED_BAD_ROWS - len(survey.listed_bad)
+        survey.listed_bad += [(span_file.header.path, line, reason) for line, reason in batch.bad[:max(0, room)]]
+        if not len(batch):
+            continue
+        survey.rows += len(batch)
+        for column in extra:
+            if survey.kinds[column] != "categorical":
+                survey.kinds[column] = combine_kinds([survey.kinds[column], kind_of(batch.columns[column])])
+        survey.merge(Survey(seconds=batch.timestamps, per_second=np.ones(len(batch), np.int64)))
+    return survey
+
+
+class _MergeSurveys(beam.CombineFn):
+    def create_accumulator(self):
+        return Survey()
+
+    def add_input(self, accumulator, survey):
+        return accumulator.merge(survey[1])
+
+    def merge_accumulators(self, accumulators):
+        merged = Survey()
+        for a in accumulators:
+            merged.merge(a)
+        return merged
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def budget_error(survey: Survey, budget: float) -> Optional[str]:
+    """The error message when the bad rows exceed the budget, else None."""
+    total = survey.rows + survey.bad
+    allowed = int(math.floor(total * budget))
+    if survey.bad <= allowed:
+        return None
+    shown = "\n".join(f"  {path}, line {line}: {reason}" for path, line, reason in survey.listed_bad[:SHOWN_BAD_ROWS])
+    more = f"\n  ... and {survey.bad - SHOWN_BAD_ROWS} more" if survey.bad > SHOWN_BAD_ROWS else ""
+    return (f"{survey.bad} malformed row(s) out of {total} exceed the bad-row budget "
+            f"({budget:.2%} of the span = {allowed} row(s)):\n{shown}{more}")
+
+
+def _checked(survey: Survey, budget: float, report_path: str) -> Survey:
+    message = budget_error(survey, budget)
     if message:
         raise MalformedInputError(message)
+    if survey.rows == 0:
+        raise MalformedInputError("the span has no readable rows")
     tf.io.gfile.makedirs(os.path.dirname(report_path))
     with tf.io.gfile.GFile(report_path, "w") as f:
-        json.dump({"rows": total, "bad_rows": bad}, f)
+        json.dump({"rows": survey.rows, "bad_rows_count": survey.bad,
+                   "bad_rows": [{"file": p, "line": n, "reason": r} for p, n, r in survey.listed_bad]}, f)
+    return survey
+
+
+# --- the exact eval cut ---
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """The eval split: every row newer than `second`, and the last `ties_in_eval` rows at `second`
+    in (file, range, line) order. `second` None: no eval rows."""
+
+    second: Optional[int]
+    ties_in_eval: int = 0
+
+
+def eval_rows(rows: int, eval_fraction: float) -> int:
+    return 0 if rows < 2 else max(1, int(round(rows * eval_fraction)))
+
+
+def eval_cut(survey: Survey, eval_fraction: float) -> Cut:
+    wanted = eval_rows(survey.rows, eval_fraction)
+    if wanted == 0:
+        return Cut(None)
+    newer = 0
+    for second, count in zip(survey.seconds[::-1], survey.per_second[::-1]):
+        if newer + count >= wanted:
+            return Cut(int(second), int(wanted - newer))
+        newer += int(count)
+    raise AssertionError("fewer rows per second than surveyed")
+
+
+def ties_in_range(keyed_survey, cut: Cut) -> Tuple[Tuple[int, int], int]:
+    """((file, range), how many of the range's rows fall in the cut's second)."""
+    key, survey = keyed_survey
+    at = np.searchsorted(survey.seconds, cut.second) if cut.second is not None else len(survey.seconds)
+    found = at < len(survey.seconds) and survey.seconds[at] == cut.second
+    return key, int(survey.per_second[at]) if found else 0
+
+
+def train_ties(ties: Dict[Tuple[int, int], int], key: Tuple[int, int], cut: Cut) -> int:
+    """How many of this range's rows at the cut second stay in train (the later ranges' ties go to eval first)."""
+    later = sum(n for k, n in ties.items() if k > key)
+    own = ties.get(key, 0)
+    return own - min(own, max(0, cut.ties_in_eval - later))
+
+
+# --- pass 3: encode and write ---
+
+def _single(values: pa.Array, kind: pa.DataType) -> pa.Array:
+    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values.cast(kind))
+
+
+def _categorical(values: pa.Array) -> pa.Array:
+    """`A|B` strings as lists of their stripped, non-empty parts."""
+    parts = pc.split_pattern(values, F.MULTI_VALUE_SEPARATOR)
+    flat = pc.utf8_trim_whitespace(parts.flatten())
+    keep = pc.greater(pc.utf8_length(flat), 0).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(parts).to_numpy()
+    counts = np.bincount(parents[keep], minlength=len(values))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, flat.filter(pa.array(keep)).cast(pa.binary()))
+
+
+def _numeric(values: pa.Array) -> pa.Array:
+    """Numbers as one-element float lists (float32 of the float64 value, as tf.train.FloatList stores
+    Python floats); empty values as empty lists."""
+    trimmed = pc.utf8_trim_whitespace(values)
+    present = pc.greater(pc.utf8_length(trimmed), 0)
+    try:
+        numbers = pc.cast(trimmed.filter(present), pa.float64())
+    except pa.ArrowInvalid:  # a number in Python's wider syntax
+        numbers = pa.array([float(v) for v in trimmed.filter(present).to_pylist()], pa.float64())
+    counts = present.to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, numbers.cast(pa.float32()))
+
+
+class _EncodeRange(beam.DoFn):
+    """Pass 3: a range's rows joined, encoded and written to this range's own train and eval files."""
+
+    def __init__(self, files: List[SpanFile], input_base: str, split_dirs: Dict[str, str]):
+        self._files = files
+        self._input_base = input_base
+        self._split_dirs = split_dirs
+
+    def setup(self):
+        from tfx_bsl.coders import example_coder
+
+        self._tables = load_side_tables(self._input_base)
+        self._encoder = example_coder.RecordBatchToExamplesEncoder()
+
+    def process(self, element, positions, survey: Survey, cut: Cut, ties: Dict[Tuple[int, int], int]):
+        file_index, byte_range = element
+        key = (file_index, byte_range.index)
+        kinds = dict(survey.kinds)
+        for table in self._tables.values():
+            for column, kind in table.kinds.items():
+                kinds.setdefault(column, kind)  # the span's own columns win
+        ties_to_train = train_ties(ties, key, cut)
+        writers = _SplitWriters(self._split_dirs, file_index, byte_range.index)
+        counts = {"train": 0, "eval": 0}
+        try:
+            for batch in read_batches(self._files[file_index], byte_range, positions[key]):
+                if len(batch):
+                    ties_to_train = self._write(batch, kinds, cut, ties_to_train, writers, counts)
+            writers.commit()
+        finally:
+            writers.close()
+        yield counts
+
+    def _write(self, batch: RowBatch, kinds, cut: Cut, ties_to_train: int, writers, counts) -> int:
+        """Encodes and writes one batch; returns how many rows at the cut second may still go to train."""
+        raw = dict(batch.columns)
+        for key, table in self._tables.items():
+            for column, values in table.lookup(pc.utf8_trim_whitespace(raw[key])).items():
+                raw.setdefault(column, values)
+        timestamps = batch.timestamps
+        arrays = [_single(pc.utf8_trim_whitespace(raw[F.USER_ID]), pa.binary()),
+                  _single(pc.utf8_trim_whitespace(raw[F.ITEM_ID]), pa.binary()),
+                  _single(pa.array(timestamps), pa.int64()), _single(pa.array(batch.labels), pa.int64())]
+        names = [F.USER_ID, F.ITEM_ID, F.TIMESTAMP, F.LABEL]
+        for column in sorted(kinds):
+            # A column of another file of the span, or of a side table without this key: empty here.
+            values = raw.get(column, pa.array([""] * len(batch), pa.string()))
+            arrays.append(_numeric(values) if kinds[column] == "numeric" else _categorical(values))
+            names.append(column)
+        records = self._encoder.encode(pa.RecordBatch.from_arrays(arrays, names))
+
+        is_eval = np.zeros(len(records), bool)
+        if cut.second is not None:
+            tie = timestamps == cut.second
+            is_eval = (timestamps > cut.second) | (tie & (np.cumsum(tie) > ties_to_train))
+            ties_to_train = max(0, ties_to_train - int(tie.sum()))
+        for record, to_eval in zip(records, is_eval):
+            writers.write("eval" if to_eval else "train", record)
+        counts["eval"] += int(is_eval.sum())
+        counts["train"] += len(records) - int(is_eval.sum())
+        return ties_to_train
+
+
+class _SplitWriters:
+    """One gzipped TFRecord file per split for a range, renamed into place only when complete."""
+
+    OPTIONS = tf.io.TFRecordOptions(compression_type="GZIP", compression_level=1)  # ~1.5x faster, ~same size
+
+    def __init__(self, split_dirs: Dict[str, str], file_index: int, range_index: int):
+        self._final = {split: os.path.join(directory, f"{RECORD_PREFIX}-{file_index:04d}-{range_index:05d}.gz")
+                       for split, directory in split_dirs.items()}
+        self._tmp = {split: os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+                     for split, path in self._final.items()}
+        self._writers = {}
+
+    def write(self, split: str, record: bytes) -> None:
+        writer = self._writers.get(split)
+        if writer is None:
+            tf.io.gfile.makedirs(os.path.dirname(self._tmp[split]))
+            writer = self._writers[split] = tf.io.TFRecordWriter(self._tmp[split], options=self.OPTIONS)
+        writer.write(record)
+
+    def commit(self) -> None:
+        for split, writer in self._writers.items():
+            writer.close()
+            tf.io.gfile.rename(self._tmp[split], self._final[split], overwrite=True)
+        self._writers = {}
+
+    def close(self) -> None:
+        for split, writer in self._writers.items():
+            writer.close()
+            tf.io.gfile.remove(self._tmp[split])
+
+
+# --- the Beam pipeline ---
+
+def _with_range(fn):
+    """Calls fn(span_file, byte_range, position, *args) for a (file index, range) element."""
+    def call(element, files, positions, *args):
+        file_index, byte_range = element
+        return fn(files[file_index], byte_range, positions[(file_index, byte_range.index)], *args)
+    return call
+
+
+def build_span_pipeline(pipeline, files: List[SpanFile], ranges, input_base: str, split_dirs: Dict[str, str],
+                        eval_fraction: float, budget: float, report_path: str):
+    """The passes; returns the PCollection of per-range {"train": n, "eval": n} counts."""
+    elements = (pipeline
+                | "Ranges" >> beam.Create(ranges)
+                | "Spread" >> beam.Reshuffle())  # fan the ranges out over workers on distributed runners
+    counts = (elements
+              | "Count" >> beam.Map(lambda e: ((e[0], e[1].index), csv_reader.count_range(e[1])))
+              | "AllCounts" >> beam.combiners.ToDict())
+    positions = beam.pvalue.AsSingleton(counts | "Positions" >> beam.Map(_positions))
+    range_surveys = elements | "Survey" >> beam.Map(
+        lambda e, files, positions: ((e[0], e[1].index), _with_range(survey_range)(e, files, positions)),
+        files, positions)
+    survey = (range_surveys
+              | "MergeSurveys" >> beam.CombineGlobally(_MergeSurveys())
+              | "CheckBudget" >> beam.Map(_checked, budget, report_path))
+    cut = beam.pvalue.AsSingleton(survey | "EvalCut" >> beam.Map(eval_cut, eval_fraction))
+    ties = (range_surveys
+            | "TiesAtCut" >> beam.Map(ties_in_range, cut)
+            | "AllTies" >> beam.combiners.ToDict())
+    return (elements
+            | "Encode" >> beam.ParDo(_EncodeRange(files, input_base, split_dirs), positions,
+                                     beam.pvalue.AsSingleton(survey), cut, beam.pvalue.AsSingleton(ties)))
+
+
+def _positions(counts: Dict[Tuple[int, int], Tuple[int, int]]) -> Dict[Tuple[int, int], csv_reader.RangePosition]:
+    out = {}
+    for file_index in sorted({f for f, _ in counts}):
+        indices = sorted(r for f, r in counts if f == file_index)
+        for index, position in zip(indices, csv_reader.positions([counts[(file_index, r)] for r in indices])):
+            out[(file_index, index)] = position
+    return out
+
+
+class Executor(base_beam_executor.BaseBeamExecutor):
+    """Beam executor behind SpanExampleGen."""
+
+    def Do(self, input_dict, output_dict, exec_properties):
+        self._log_startup(input_dict, output_dict, exec_properties)
+        examples = artifact_utils.get_single_instance(output_dict[standard_component_specs.EXAMPLES_KEY])
+        input_config = example_gen_pb2.Input()
+        proto_utils.json_to_proto(exec_properties[standard_component_specs.INPUT_CONFIG_KEY], input_config)
+        custom = json.loads(exec_properties.get(standard_component_specs.CUSTOM_CONFIG_KEY) or "{}")
+        input_base = exec_properties[standard_component_specs.INPUT_BASE_KEY]
+        pattern = os.path.join(input_base, input_config.splits[0].pattern)
+        files, ranges = span_files(pattern, int(custom.get("range_bytes", csv_reader.DEFAULT_RANGE_BYTES)))
+        load_side_tables(input_base)  # a broken side table fails here, before any Beam work
+
+        splits = ["train", "eval"]
+        examples.split_names = artifact_utils.encode_split_names(splits)
+        split_dirs = {s: artifact_utils.get_split_uri([examples], s) for s in splits}
+        report_path = os.path.join(examples.uri, BAD_ROWS_FILE)
+        with self._make_beam_pipeline() as pipeline:
+            counts = build_span_pipeline(pipeline, files, ranges, input_base, split_dirs,
+                                         float(custom.get("eval_fraction", 0.1)),
+                                         float(custom.get("bad_row_budget", 0.001)), report_path)
+            _ = (counts
+                 | "SplitTotals" >> beam.CombineGlobally(_add_counts)
+                 | "WriteTotals" >> beam.Map(_write_json, os.path.join(examples.uri, "split_rows.json")))
+
+        examples_utils.set_payload_format(examples, example_gen_pb2.FORMAT_TF_EXAMPLE)
+        examples_utils.set_file_format(examples, "tfrecords_gzip")
+        with tf.io.gfile.GFile(report_path) as f:
+            report = json.load(f)
+        with tf.io.gfile.GFile(os.path.join(examples.uri, "split_rows.json")) as f:
+            split_rows = json.load(f)
+        examples.set_int_custom_property("rows", report["rows"])
+        examples.set_int_custom_property("bad_rows", report["bad_rows_count"])
+        for split, n in split_rows.items():
+            examples.set_int_custom_property(f"{split}_rows", n)
+
+
+def _add_counts(counts) -> Dict[str, int]:
+    total = {"train": 0, "eval": 0}
+    for c in counts:
+        for split, n in c.items():
+            total[split] += n
     return total
+
+
+def _write_json(value, path: str) -> None:
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(value, f)
 
 
 class SpanExampleGen(FileBasedExampleGen):
@@ -322,7 +614,8 @@ class SpanExampleGen(FileBasedExampleGen):
 
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(Executor)
 
-    def __init__(self, data_dir: str, span: Optional[int], eval_fraction: float, bad_row_budget: float):
+    def __init__(self, data_dir: str, span: Optional[int], eval_fraction: float, bad_row_budget: float,
+                 range_bytes: int = csv_reader.DEFAULT_RANGE_BYTES):
         # span None: the newest span in data_dir (what a scheduled run wants).
         range_config = None
         if span is not None:
@@ -335,5 +628,6 @@ class SpanExampleGen(FileBasedExampleGen):
                 example_gen_pb2.Input.Split(name="eval", pattern="span-{SPAN}/*.csv"),
             ]),
             range_config=range_config,
-            custom_config={"eval_fraction": eval_fraction, "bad_row_budget": bad_row_budget},
+            custom_config={"eval_fraction": eval_fraction, "bad_row_budget": bad_row_budget,
+                           "range_bytes": range_bytes},
         )

@@ -94,7 +94,9 @@ def stop(config) -> bool:
 def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
     """serving_default inputs for (user_id, item_id) pairs: side features joined from the data directory,
     history features as they stand after its last interaction."""
-    from components.example_gen import column_kinds, read_side_table
+    import pyarrow as pa
+
+    from components.example_gen import SideTable
     from components.ingest import HISTORY_COLUMNS, read_history_state
 
     inputs = {"user_id": np.array([u.encode() for u, _ in pairs], dtype=object),
@@ -103,13 +105,14 @@ def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
         path = os.path.join(config.data_dir, name)
         if not os.path.exists(path):
             continue
-        table, columns = read_side_table(path, key)
-        for column, kind in column_kinds(list(table.values()), columns).items():
-            values = [table.get(pair[position], {}).get(column, "") for pair in pairs]
+        table = SideTable(path, key)
+        values = table.lookup(pa.array([pair[position] for pair in pairs], pa.string()))
+        for column, kind in table.kinds.items():
+            texts = values[column].to_pylist()
             if kind == "numeric":
-                inputs[column] = np.array([float(v) if v else np.nan for v in values], dtype=np.float32)
+                inputs[column] = np.array([float(v) if v.strip() else np.nan for v in texts], dtype=np.float32)
             else:
-                inputs[column] = np.array([v.encode() for v in values], dtype=object)
+                inputs[column] = np.array([v.encode() for v in texts], dtype=object)
     history = read_history_state(config.data_dir)
     if history is not None:
         rows = [history.features(user, item) for user, item in pairs]

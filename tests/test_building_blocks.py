@@ -7,7 +7,6 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
-from components import example_gen
 from components.schema_curator import curate
 from components.serving_pusher import next_version, prune, publish
 from models import replay, vocabulary, warm_start
@@ -21,47 +20,6 @@ def test_auc_matches_sklearn_with_ties():
     scores = np.round(rng.random(500) + labels * 0.3, 1)  # many ties
     assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
     assert auc([1, 1], [0.2, 0.3]) is None
-
-
-def test_read_csv_reports_the_line_where_a_quoted_record_starts(tmp_path):
-    path = tmp_path / "span.csv"
-    path.write_text('user_id,item_id,timestamp,label,note\n'
-                    'u1,i1,10,1,"two\nlines"\n'
-                    'u2,i2,11,0\n'
-                    'u3,,12,1,x\n'
-                    'u4,i4,soon,1,x\n'
-                    'u5,i5,13,2,x\n')
-    rows = list(example_gen.read_csv(str(path), example_gen.REQUIRED_COLUMNS))
-    assert rows[0][0] == 2 and rows[0][1]["note"] == "two\nlines"
-    assert rows[1][0] == 4 and rows[1][1] is None and "expected 5 fields, found 4" in rows[1][2]
-    reasons = {line: example_gen.check_interaction(row) for line, row, _ in rows if row}
-    assert reasons[5] == "empty item_id"
-    assert "timestamp 'soon'" in reasons[6]
-    assert "label '2'" in reasons[7]
-
-
-def test_missing_required_column_names_the_file_and_column(tmp_path):
-    path = tmp_path / "span.csv"
-    path.write_text("user_id,item_id,label\nu,i,1\n")
-    with pytest.raises(example_gen.MalformedInputError, match=r"span\.csv: missing required column\(s\) timestamp"):
-        list(example_gen.read_csv(str(path), example_gen.REQUIRED_COLUMNS))
-
-
-def test_bad_row_budget():
-    bad = [{"file": "f.csv", "line": n, "reason": "r"} for n in range(3)]
-    assert example_gen.budget_error(2997, bad, 0.001) is None  # 3 of 3000 allowed
-    message = example_gen.budget_error(1997, bad, 0.001)
-    assert "3 malformed row(s) out of 2000" in message and "f.csv, line 0: r" in message
-
-
-def test_examples_split_multi_valued_categoricals_and_keep_missing_numbers_empty():
-    kinds = example_gen.column_kinds([{"genres": "A|B", "year": ""}, {"genres": "", "year": "1999"}], ["genres", "year"])
-    assert kinds == {"genres": "categorical", "year": "numeric"}
-    row = {"user_id": "u", "item_id": "0012", "timestamp": "5", "label": "1", "genres": "Drama| Comedy", "year": ""}
-    example = example_gen.to_example(row, kinds).features.feature
-    assert list(example["genres"].bytes_list.value) == [b"Drama", b"Comedy"]
-    assert list(example["year"].float_list.value) == []
-    assert example["item_id"].bytes_list.value[0] == b"0012"
 
 
 def test_vocabulary_merge_appends_new_values_most_frequent_first():
