@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hides CUDA plugin noise at import
 
-FORMATS = ("csv", "movielens", "movielens-100k", "movielens-1m", "movietweetings")
+FORMATS = ("csv", "movielens", "movielens-100k", "movielens-1m", "movietweetings", "synthetic")
 CONFIG_FILE = "config.json"
 # Knobs a user may set per run on the command line (the rest come from --config or config.json).
 TUNABLE = {
@@ -184,16 +184,31 @@ def backfill_report(mode: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
 # --- commands ---
 
 def cmd_prepare(args) -> int:
-    from components import ingest
+    from components import ingest, synthetic
 
+    if args.format == "synthetic":
+        if args.input:
+            raise ValueError("--format synthetic generates its log; it takes no --input")
+        spec = synthetic.Spec(rows=args.rows, users=args.users, items=args.items, seed=args.seed, days=args.days,
+                              start=args.start)
+    elif not args.input:
+        raise ValueError(f"--format {args.format} needs --input")
+    else:
+        spec = None
     manifest = ingest.prepare(args.format, args.input, args.out, spans=args.spans, span_by=args.span_by,
                               label_threshold=args.label_threshold, overwrite=args.overwrite,
-                              history=args.history)
-    for span in manifest["spans"]:
+                              history=args.history, append=args.append, synthetic_spec=spec,
+                              beam_args=args.beam_args,
+                              progress=lambda line: print(line, file=sys.stderr, flush=True))
+    first, last = manifest["ingests"][-1]["spans"]
+    added = [s for s in manifest["spans"] if first <= s["span"] <= last]
+    for span in added:
         print(f"span {span['span']}: {span['rows']} rows, {span['positives']} positive, "
               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(span['min_timestamp']))} .. "
               f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(span['max_timestamp']))} UTC")
-    print(f"{manifest['rows']} rows in {len(manifest['spans'])} spans under {args.out}")
+    rows = sum(s["rows"] for s in added)
+    print(f"{rows} rows in {len(added)} spans under {args.out}"
+          + (f" (appended: {len(manifest['spans'])} spans in all)" if args.append else ""))
     return 0
 
 
@@ -401,18 +416,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show TFX, Beam and TensorFlow logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="cut a raw interaction log into time-ordered spans")
+    p = sub.add_parser("prepare", help="cut a raw interaction log into time-ordered spans (or append one)")
     p.add_argument("--format", choices=FORMATS, required=True)
-    p.add_argument("--input", required=True, help="the raw log (a file, or the data set's directory)")
+    p.add_argument("--input", help="the raw log (a file, or the data set's directory); not for synthetic")
     p.add_argument("--out", required=True, help="DATA directory to write span-<N>/ into")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--spans", type=int, help="number of equal-size spans (default 10)")
     group.add_argument("--span-by", choices=("day", "hour"), dest="span_by")
     p.add_argument("--label-threshold", type=float, dest="label_threshold",
                    help="rating >= this is a positive (default per format)")
+    p.add_argument("--append", action="store_true",
+                   help="add the log as the next span(s) after the last one in --out; earlier spans stay as they are")
     p.add_argument("--overwrite", action="store_true", help="replace spans already in --out")
     p.add_argument("--no-history-features", action="store_false", dest="history",
                    help="do not add user_history, user_history_mean, item_history, item_history_mean")
+    p.add_argument("--beam-arg", action="append", default=[], dest="beam_args", metavar="ARG",
+                   help="a Beam pipeline option, e.g. --beam-arg=--runner=FlinkRunner (repeatable)")
+    synthetic_log = p.add_argument_group("--format synthetic")
+    synthetic_log.add_argument("--rows", type=int, default=1_000_000)
+    synthetic_log.add_argument("--users", type=int, default=60_000)
+    synthetic_log.add_argument("--items", type=int, default=20_000)
+    synthetic_log.add_argument("--seed", type=int, default=0)
+    synthetic_log.add_argument("--days", type=float, default=30.0)
+    synthetic_log.add_argument("--start", type=int, help="first second, Unix time (default 2024-01-01 00:00 UTC; "
+                                                         "with --append, where --out ends)")
     p.set_defaults(func=cmd_prepare)
 
     def work_args(p, data=True):

@@ -97,7 +97,7 @@ def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
     import pyarrow as pa
 
     from components.example_gen import SideTable
-    from components.ingest import HISTORY_COLUMNS, read_history_state
+    from components.history import HISTORY_COLUMNS, newest_snapshot
 
     inputs = {"user_id": np.array([u.encode() for u, _ in pairs], dtype=object),
               "item_id": np.array([i.encode() for _, i in pairs], dtype=object)}
@@ -113,24 +113,32 @@ def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
                 inputs[column] = np.array([float(v) if v.strip() else np.nan for v in texts], dtype=np.float32)
             else:
                 inputs[column] = np.array([v.encode() for v in texts], dtype=object)
-    history = read_history_state(config.data_dir)
-    if history is not None:
-        rows = [history.features(user, item) for user, item in pairs]
+    snapshot = newest_snapshot(config.data_dir)  # the history after the newest span
+    if snapshot is not None:
+        rows = [snapshot.features(user, item) for user, item in pairs]
         for i, column in enumerate(HISTORY_COLUMNS):
             inputs[column] = np.array([float(r[i]) if r[i] else np.nan for r in rows], dtype=np.float32)
     return inputs
 
 
 def newest_pairs(config, rows: int = 1) -> List[tuple]:
-    import csv
+    """(user_id, item_id) of the newest `rows` interactions: the end of the newest span's last part files."""
+    import collections
 
-    from components import ingest
+    from components import csv_reader, ingest
 
     spans = ingest.span_dirs(config.data_dir)
     if not spans:
         raise FileNotFoundError(f"no spans in {config.data_dir}")
-    with open(os.path.join(config.data_dir, f"span-{spans[-1]}", "interactions.csv"), newline="") as f:
-        return [(r["user_id"], r["item_id"]) for r in list(csv.DictReader(f))[-rows:]]
+    pairs: List[tuple] = []
+    for path in reversed(ingest.span_files(config.data_dir, spans[-1])):  # file-name order is time order
+        header, records = csv_reader.read_file(path, ("user_id", "item_id"))
+        user, item = header.columns.index("user_id"), header.columns.index("item_id")
+        tail = collections.deque(((f[user], f[item]) for _, f, _ in records if f is not None), maxlen=rows)
+        pairs = list(tail) + pairs
+        if len(pairs) >= rows:
+            break
+    return pairs[-rows:]
 
 
 def rest_body(inputs: Dict[str, np.ndarray]) -> dict:

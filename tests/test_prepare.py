@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from components import ingest
+from components import history, ingest
 from tests.conftest import REPO, increc
 
 BUNDLED = REPO / "data" / "movietweetings-100k"
@@ -31,7 +31,9 @@ def read_csv(path: Path):
 
 
 def read_spans(out: Path):
-    return {n: read_csv(out / f"span-{n}" / "interactions.csv") for n in ingest.span_dirs(str(out))}
+    """{span: rows}, each span's part files read in file-name order (which is time order)."""
+    return {n: [row for path in ingest.span_files(str(out), n) for row in read_csv(Path(path))]
+            for n in ingest.span_dirs(str(out))}
 
 
 def assert_ordered_and_complete(out: Path, expected_rows):
@@ -76,14 +78,20 @@ def test_movietweetings_keeps_leading_zeros_labels_at_8_and_no_twitter_ids(tmp_p
     ]
     assert not (out / "users.csv").exists()
     assert "177651718" not in "".join(p.read_text() for p in out.rglob("*.csv")), "Twitter ids stay out"
+    columns = ["user_id", "item_id", "timestamp", "label", *ingest.HISTORY_COLUMNS]
     assert manifest == {
-        "format": "movietweetings", "source": str(src), "label_threshold": 8.0,
+        "format": "movietweetings", "source": str(src), "label_threshold": 8.0, "columns": columns,
         "spans": [{"span": 1, "rows": 2, "positives": 1, "min_timestamp": 100, "max_timestamp": 200,
-                   "path": "span-1/interactions.csv"},
+                   "files": ["span-1/interactions-00000.csv"]},
                   {"span": 2, "rows": 2, "positives": 1, "min_timestamp": 300, "max_timestamp": 400,
-                   "path": "span-2/interactions.csv"}],
-        "rows": 4, "items_table": True, "users_table": False, "history_features": ingest.HISTORY_COLUMNS}
+                   "files": ["span-2/interactions-00000.csv"]}],
+        "rows": 4, "items_table": True, "users_table": False, "history_features": ingest.HISTORY_COLUMNS,
+        "history_state": "history/after-span-2",
+        "ingests": [{"format": "movietweetings", "source": str(src), "label_threshold": 8.0, "spans": [1, 2],
+                     "rows": 4}]}
     assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in out.iterdir()) == ["history", "items.csv", "manifest.json", "span-1", "span-2"], \
+        "no staging left behind"
 
 
 def test_movietweetings_accepts_the_ratings_file_and_a_threshold_override(tmp_path):
@@ -406,11 +414,12 @@ def test_history_features_see_only_strictly_earlier_interactions(tmp_path):
         # Seen: ratings 5, 1, 2 (prior 8/3); i1 once with 5: (5 + 5 * 8/3) / (1 + 5).
         ["0.0000", "2.6667", "0.6931", "3.0556"],
     ]
-    state = json.loads((tmp_path / "out" / ingest.HISTORY_FILE).read_text())
-    assert state["seen"] == 4 and state["total"] == 12.0
-    assert state["user"]["u1"] == [3, 8.0] and state["item"]["i1"] == [2, 9.0]
+    snapshot = history.newest_snapshot(str(tmp_path / "out"))
+    assert snapshot.path == str(tmp_path / "out" / "history" / "after-span-1")
+    assert (snapshot.globals.seen, snapshot.globals.total, snapshot.globals.last_timestamp) == (4, 12.0, 25)
+    assert snapshot.stats("user", "u1") == (3, 8.0) and snapshot.stats("item", "i1") == (2, 9.0)
     # A client asking about u1 and i1 now gets what the state says after the last interaction.
-    assert ingest.read_history_state(str(tmp_path / "out")).features("u1", "i1") == [
+    assert snapshot.features("u1", "i1") == [
         "1.3863", f"{(8 + 2 * 3) / (3 + 2):.4f}", "1.0986", f"{(9 + 5 * 3) / (2 + 5):.4f}"]
 
 
@@ -425,7 +434,7 @@ def test_history_features_can_be_left_out_and_never_overwrite_a_column(tmp_path)
     src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,label\nu,a,1,1\n")
     manifest = ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1, history=False)
     assert list(read_spans(tmp_path / "out")[1][0]) == ["user_id", "item_id", "timestamp", "label"]
-    assert manifest["history_features"] == [] and not (tmp_path / "out" / ingest.HISTORY_FILE).exists()
+    assert manifest["history_features"] == [] and not (tmp_path / "out" / "history").exists()
 
     clash = write(tmp_path / "clash.csv", "user_id,item_id,timestamp,label,user_history\nu,a,1,1,7\n")
     with pytest.raises(ingest.IngestError, match=r"already has column\(s\) user_history; pass --no-history-features"):
