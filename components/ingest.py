@@ -62,7 +62,7 @@ STAGING_PREFIX = ".staging-"
 
 BATCH_ROWS = 65_536  # rows per Beam element: large enough for numpy, small enough to move around
 PART_ROWS = 262_144  # rows per part file (rows sharing a second always share a part)
-ROWS_PER_RUN = 1_000_000  # DirectRunner: rows per pipeline run for sources whose order is known up front
+ROWS_PER_RUN = 4 * PART_ROWS  # DirectRunner: rows per pipeline run for sources whose order is known up front
 SHOWN_BAD_ROWS = 5  # bad rows an error names (the count is always exact)
 
 # u.item's 19 genre flag columns, in file order. "unknown" is the flag for "no genre".
@@ -213,15 +213,22 @@ def _title_year(title: str) -> str:
 
 
 def _locate(input_path: str, names: Sequence[str]) -> Tuple[str, str]:
-    """(directory, ratings file) for an input that is either the data set's directory or its ratings file."""
-    if os.path.isdir(input_path):
+    """(directory, ratings file) for an input that is either the data set's directory or its ratings file.
+
+    Through tf.io.gfile, so a streamed input may live on gs:// or any file system TensorFlow reads.
+    """
+    if tf.io.gfile.isdir(input_path):
         for name in names:
-            if os.path.isfile(os.path.join(input_path, name)):
+            if _is_file(os.path.join(input_path, name)):
                 return input_path, os.path.join(input_path, name)
         raise IngestError(f"{input_path}: no {' or '.join(names)} in this directory")
-    if not os.path.exists(input_path):
+    if not tf.io.gfile.exists(input_path):
         raise IngestError(f"{input_path}: no such file or directory")
-    return os.path.dirname(os.path.abspath(input_path)), input_path
+    return os.path.dirname(input_path) or ".", input_path
+
+
+def _is_file(path: str) -> bool:
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
 
 
 # --- adapters of the small public data sets (read in memory) ---
@@ -903,10 +910,10 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
         csv_spec = _csv_spec(input_path, threshold)
         csv_spec.last_timestamp, csv_spec.last_where = old.last_timestamp, last_where
         source, extra = None, csv_spec.extra
-        directory = os.path.dirname(os.path.abspath(csv_spec.path))
+        directory = os.path.dirname(csv_spec.path) or "."
         for name, key in (("items.csv", "item_id"), ("users.csv", "user_id")):
             side = os.path.join(directory, name)
-            if os.path.isfile(side) and os.path.abspath(side) != os.path.abspath(csv_spec.path):
+            if _is_file(side) and os.path.basename(csv_spec.path) != name:
                 tables[name] = lambda path, side=side, key=key: _copy_side_table(side, key, path)
     else:
         say(f"reading {input_path}")

@@ -59,13 +59,13 @@ def parse_spans(text: str) -> Tuple[int, int]:
 
 def load_config(args):
     """The work directory's saved config, then --config, then command-line knobs."""
-    from pipeline.config import IncrecConfig
+    from pipeline import files
+    from pipeline.config import IncrecConfig, resolve_path
 
     values: Dict[str, Any] = {}
-    saved = os.path.join(os.path.abspath(args.work), CONFIG_FILE)
-    if os.path.exists(saved):
-        with open(saved) as f:
-            values.update(json.load(f))
+    saved = files.read_text(os.path.join(resolve_path(args.work), CONFIG_FILE))
+    if saved is not None:
+        values.update(json.loads(saved))
     if getattr(args, "config", None):
         with open(args.config) as f:
             values.update(json.load(f))
@@ -93,13 +93,13 @@ def load_config(args):
 
 
 def save_config(config) -> None:
-    os.makedirs(config.work_dir, exist_ok=True)
+    from pipeline import files
+
     persistent = dataclasses.asdict(config)
     # One-off switches do not stick to the work directory.
     for key in ("force_push", "flip_train_labels", "mode"):
         persistent.pop(key, None)
-    with open(os.path.join(config.work_dir, CONFIG_FILE), "w") as f:
-        json.dump(persistent, f, indent=2, sort_keys=True)
+    files.write_text(os.path.join(config.work_dir, CONFIG_FILE), json.dumps(persistent, indent=2, sort_keys=True))
 
 
 def _fmt(value, digits=4) -> str:
@@ -184,7 +184,7 @@ def backfill_report(mode: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
 # --- commands ---
 
 def cmd_prepare(args) -> int:
-    from components import ingest, synthetic
+    from components import synthetic
 
     if args.format == "synthetic":
         if args.input:
@@ -195,6 +195,8 @@ def cmd_prepare(args) -> int:
         raise ValueError(f"--format {args.format} needs --input")
     else:
         spec = None
+    from components import ingest  # TensorFlow and Beam: only once the arguments make sense
+
     manifest = ingest.prepare(args.format, args.input, args.out, spans=args.spans, span_by=args.span_by,
                               label_threshold=args.label_threshold, overwrite=args.overwrite,
                               history=args.history, append=args.append, synthetic_spec=spec,

@@ -23,7 +23,7 @@ from components import history, ingest, synthetic
 from tests.conftest import REPO, movietweetings_dir
 
 ML_LATEST_SMALL = [REPO / "data" / "ml-latest-small", REPO.parent / "shared" / "data" / "ml-latest-small"]
-SMALL_RUNS = {"part_rows": 5_000, "rows_per_run": 25_000}  # several parts and runs on small logs
+SMALL_RUNS = {"part_rows": 5_000, "rows_per_run": 50_000}  # several parts and runs on small logs
 
 
 class Reference:
@@ -100,13 +100,23 @@ def synthetic_raw(tmp_path: Path, rows: int = 12_000) -> Tuple[Path, List[Tuple[
 
 # --- one go ---
 
-def test_movietweetings_equals_the_reference(tmp_path):
-    source = movietweetings_dir()
-    manifest = ingest.prepare("movietweetings", str(source), str(tmp_path / "data"), spans=3, **SMALL_RUNS)
-    assert len(manifest["spans"][0]["files"]) > 1, "several parts per span"
-    expected, state = reference(movietweetings_rows(source / "ratings.dat"))
-    assert prepared_rows(tmp_path / "data") == expected
-    snapshot = history.newest_snapshot(str(tmp_path / "data"))
+def test_bundled_movietweetings_in_10_spans_equals_the_reference(tmp_path):
+    source, data = movietweetings_dir(), tmp_path / "data"
+    manifest = ingest.prepare("movietweetings", str(source), str(data), spans=10, **SMALL_RUNS)
+    rows = movietweetings_rows(source / "ratings.dat")
+    assert len(rows) == 100_000 and manifest["rows"] == 100_000
+    assert [s["rows"] for s in manifest["spans"]] == [10_000] * 10
+    assert all(len(s["files"]) >= 2 for s in manifest["spans"]), "parts of about 5,000 rows"
+    assert sum(s["positives"] for s in manifest["spans"]) == sum(r[3] >= 8 for r in rows)
+    expected, state = reference(rows)
+    got = prepared_rows(data)
+    assert got == expected, "every row, in time order, with the reference's features"
+    assert all(len(r[1]) == 7 for r in got), "IMDb ids keep their leading zeros"
+    spans = [[int(r[2]) for r in got[k * 10_000:(k + 1) * 10_000]] for k in range(10)]
+    assert all(a[-1] <= b[0] for a, b in zip(spans, spans[1:])), "spans are time-ordered"
+    with open(data / "items.csv") as f:
+        assert sum(1 for _ in f) == 10_507 and not manifest["users_table"]
+    snapshot = history.newest_snapshot(str(data))
     assert (snapshot.globals.seen, snapshot.globals.total) == (state.seen, state.total)
     for user, item in [expected[0][:2], expected[-1][:2], ("nobody", "nothing")]:
         assert snapshot.features(user, item) == state.features(user, item)

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from components import history, ingest
-from tests.conftest import REPO, increc
+from tests.conftest import increc
 
-BUNDLED = REPO / "data" / "movietweetings-100k"
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -367,31 +366,32 @@ def test_argument_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# --- the bundled data set ---
+# --- the command line ---
 
-def test_bundled_movietweetings_in_10_spans(tmp_path):
-    out = tmp_path / "data"
-    manifest = ingest.prepare("movietweetings", str(BUNDLED), str(out), spans=10)
-    with open(BUNDLED / "ratings.dat", encoding="utf-8") as f:
-        source = [line.rstrip("\n").split("::") for line in f if line.strip()]
-    assert len(source) == 100_000
-    assert [s["rows"] for s in manifest["spans"]] == [10_000] * 10 and manifest["rows"] == 100_000
-    spans = assert_ordered_and_complete(out, [(u, i, t) for u, i, _, t in source])
-    assert sum(s["positives"] for s in manifest["spans"]) == sum(int(r) >= 8 for _, _, r, _ in source)
-    assert all(len(r["item_id"]) == 7 for r in spans[1]), "IMDb ids keep their leading zeros"
-    assert len(read_csv(out / "items.csv")) == 10_506 and not manifest["users_table"]
+def prepare_command(*argv: str) -> int:
+    """`increc prepare ARGV` in this process: the command's own parser and code, without a new interpreter."""
+    from pipeline import cli
+
+    args = cli.build_parser().parse_args(["prepare", *argv])
+    return args.func(args)
 
 
-def test_cli_prints_the_cut_and_exits_2_on_bad_input(tmp_path):
+def test_cli_prints_the_cut_appends_and_exits_2_on_bad_input(tmp_path, capsys):
     src = write(tmp_path / "mt" / "ratings.dat", "1::0000001::8::5\n2::0000002::9::86405\n")
     result = increc("prepare", "--format", "movietweetings", "--input", str(src.parent),
                     "--out", str(tmp_path / "data"), "--spans", "2")
-    assert "2 rows in 2 spans" in result.stdout
+    assert "2 rows in 2 spans" in result.stdout and "run 1/1" in result.stderr, "progress goes to stderr"
     assert ingest.span_dirs(str(tmp_path / "data")) == [1, 2]
+    write(tmp_path / "more" / "ratings.dat", "3::0000003::8::86405\n4::0000001::2::90000\n")
+    assert prepare_command("--append", "--format", "movietweetings", "--input", str(tmp_path / "more"),
+                           "--out", str(tmp_path / "data"), "--spans", "1") == 0
+    out = capsys.readouterr().out
+    assert "span 3: 2 rows, 1 positive" in out and "2 rows in 1 spans under" in out and "3 spans in all" in out
     write(src, "1::0000001::8\n")
-    bad = increc("prepare", "--format", "movietweetings", "--input", str(src), "--out", str(tmp_path / "x"),
-                 check=False)
-    assert bad.returncode == 2 and "ratings.dat, line 1: expected 4 fields" in bad.stderr
+    from pipeline import cli
+
+    assert cli.main(["prepare", "--format", "movietweetings", "--input", str(src), "--out", str(tmp_path / "x")]) == 2
+    assert "ratings.dat, line 1: expected 4 fields" in capsys.readouterr().err, "a message, not a traceback"
 
 
 # --- history features ---
@@ -440,9 +440,9 @@ def test_history_features_can_be_left_out_and_never_overwrite_a_column(tmp_path)
     with pytest.raises(ingest.IngestError, match=r"already has column\(s\) user_history; pass --no-history-features"):
         ingest.prepare("csv", str(clash), str(tmp_path / "out2"), spans=1)
     assert not (tmp_path / "out2").exists(), "nothing is written on bad input"
-    result = increc("prepare", "--format", "csv", "--input", str(clash), "--out", str(tmp_path / "out3"),
-                    "--spans", "1", "--no-history-features")
-    assert read_spans(tmp_path / "out3")[1][0]["user_history"] == "7", result.stdout
+    assert prepare_command("--format", "csv", "--input", str(clash), "--out", str(tmp_path / "out3"),
+                           "--spans", "1", "--no-history-features") == 0
+    assert read_spans(tmp_path / "out3")[1][0]["user_history"] == "7"
 
 
 def test_clients_send_the_history_features_as_they_stand_now(tmp_path):
