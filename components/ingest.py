@@ -821,6 +821,11 @@ class _Existing:
     last_span: int
     snapshot: Optional[str]
 
+    @property
+    def last_timestamp(self) -> Optional[int]:
+        spans = (self.manifest or {}).get("spans")
+        return spans[-1]["max_timestamp"] if spans else None
+
 
 def _existing(out_dir: str, append: bool, overwrite: bool, history: bool) -> _Existing:
     if tf.io.gfile.exists(out_dir) and not tf.io.gfile.isdir(out_dir):
@@ -893,6 +898,8 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
         raise IngestError(f"{out_dir} was prepared with --label-threshold {earlier:g}; this batch would use "
                           f"{threshold:g} (pass --label-threshold {earlier:g})")
     old = H.read_meta(existing.snapshot) if existing.snapshot else H.Globals()
+    # An appended batch may not go back in time (without history features too: spans stay time-ordered).
+    last = old.last_timestamp if existing.snapshot else existing.last_timestamp
     last_where = f"{out_dir} (span {existing.last_span})"
 
     # Read and check whatever can be checked before anything is written.
@@ -900,7 +907,7 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
     tables: Dict[str, Callable[[str], None]] = {}  # side table name -> writes it to a path
     csv_spec: Optional[CsvSpec] = None
     if fmt == "synthetic":
-        spec = _synthetic_spec(synthetic_spec, threshold, old.last_timestamp, last_where)
+        spec = _synthetic_spec(synthetic_spec, threshold, last, last_where)
         say(synthetic.describe(spec))
         source, extra = _synthetic_source(spec), []
         ingest.update(source="synthetic", synthetic=dataclasses.asdict(spec))
@@ -908,7 +915,7 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
             tables[name] = lambda path, name=name: synthetic.write_table(spec, name, path, opener=tf.io.gfile.GFile)
     elif fmt == "csv":
         csv_spec = _csv_spec(input_path, threshold)
-        csv_spec.last_timestamp, csv_spec.last_where = old.last_timestamp, last_where
+        csv_spec.last_timestamp, csv_spec.last_where = last, last_where
         source, extra = None, csv_spec.extra
         directory = os.path.dirname(csv_spec.path) or "."
         for name, key in (("items.csv", "item_id"), ("users.csv", "user_id")):
@@ -920,7 +927,7 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
         log = READERS[fmt](input_path, threshold)
         if not log.interactions.rows:
             raise IngestError(f"{input_path}: no interactions")
-        _check_not_late(log, old.last_timestamp, last_where)
+        _check_not_late(log, last, last_where)
         source, extra = _memory_source(log), list(log.interactions.columns[len(INTERACTION_COLUMNS):])
         for name, table in (("items.csv", log.items), ("users.csv", log.users)):
             if table is not None:

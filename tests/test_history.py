@@ -233,6 +233,11 @@ def test_append_refuses_what_does_not_fit(tmp_path):
     shutil.rmtree(data / "history" / "after-span-2")
     with pytest.raises(ingest.IngestError, match="no history snapshot after span 2"):
         ingest.prepare("csv", str(rated), str(data), spans=1, append=True, label_threshold=4)
+    # Without history features the spans still only move forward in time.
+    ingest.prepare("csv", str(good), str(tmp_path / "plain"), spans=1, history=False)
+    late = _write_batch(tmp_path / "late", "user_id,item_id,timestamp,label\n", ["u,i,19,1\n"])
+    with pytest.raises(ingest.IngestError, match=r"line 2, column timestamp: 19 is earlier than 20"):
+        ingest.prepare("csv", str(late), str(tmp_path / "plain"), spans=1, append=True, history=False)
 
 
 # --- the state ---

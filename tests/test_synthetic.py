@@ -176,6 +176,13 @@ def test_prepare_makes_a_data_directory_the_pipeline_reads(tmp_path):
     assert history.newest_snapshot(str(data)).features("u1", "i1") == \
         history.newest_snapshot(str(tmp_path / "from-csv")).features("u1", "i1")
 
+    # More of the same world, appended: it starts where the data directory ends.
+    appended = ingest.prepare("synthetic", None, str(data), spans=1, append=True,
+                              synthetic_spec=synthetic.Spec(rows=2_000, users=3_000, items=800, seed=6, days=1))
+    assert [s["span"] for s in appended["spans"]] == [1, 2, 3]
+    assert appended["spans"][2]["min_timestamp"] >= appended["spans"][1]["max_timestamp"]
+    assert appended["synthetic"]["start"] == manifest["spans"][1]["max_timestamp"]
+
     refused = increc("prepare", "--format", "synthetic", "--input", str(tmp_path), "--out", str(tmp_path / "x"),
                      check=False)
     assert refused.returncode == 2 and "takes no --input" in refused.stderr
