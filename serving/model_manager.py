@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -44,16 +45,38 @@ class Model:
     labels: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def _numeric_children(base_path: str) -> List[int]:
-    versions = []
-    for name in os.listdir(base_path):
-        try:
-            number = int(name)
-        except ValueError:
-            continue  # TF Serving skips anything that is not a number
-        if number >= 0 and os.path.isdir(os.path.join(base_path, name)):
-            versions.append(number)
-    return sorted(versions)
+# absl::SimpleAtoi on a directory name: optional ASCII whitespace around an optional sign and ASCII digits.
+_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*", re.ASCII)
+INT64_MAX = 2 ** 63 - 1
+
+
+def parse_version(name: str) -> Optional[int]:
+    """The version number a directory name stands for, as TF Serving parses it (`00000123` is 123), else None."""
+    match = _ATOI.fullmatch(name)
+    if match is None:
+        return None
+    number = int(match.group(1))
+    return number if -INT64_MAX - 1 <= number <= INT64_MAX else None
+
+
+def version_dirs(base_path: str) -> Dict[int, str]:
+    """{version: directory name} of the children of base_path whose names parse as int64 versions.
+
+    Anything else is skipped silently, like TF Serving does (so hidden
+    staging directories never load). Two names for one number (`1`, `01`):
+    the first in sorted order wins, with a warning.
+    """
+    found: Dict[int, str] = {}
+    for name in sorted(os.listdir(base_path)):
+        number = parse_version(name)
+        if number is None or not os.path.isdir(os.path.join(base_path, name)):
+            continue
+        if number in found:
+            logging.warning("%s: directories %r and %r are both version %d; using %r", base_path, found[number],
+                            name, number, found[number])
+            continue
+        found[number] = name
+    return found
 
 
 def aspired_versions(config: model_server_config_pb2.ModelConfig, on_disk: List[int]) -> List[int]:
@@ -161,10 +184,11 @@ class ModelManager:
             return [], None
         base = model.config.base_path
         if not os.path.isdir(base):
-            message = f"Could not find base path {base} for servable {name}"
+            message = f"Could not find base path {base} for servable {name} with error NOT_FOUND: {base} not found"
             logging.error(message)
             return ([f"{{name: {name} }} due to error: {message}"] if new_model else []), None
-        on_disk = _numeric_children(base)
+        dirs = version_dirs(base)
+        on_disk = sorted(dirs)
         if not on_disk:
             logging.warning("No versions of servable %s found under base path %s. Did you forget to name your "
                             "leaf directory as a number (eg. '/1/')?", name, base)
@@ -176,7 +200,7 @@ class ModelManager:
                 continue
             if state is not None and state.state == END and not self._should_retry(state):
                 continue
-            error = self._load(model, name, version, os.path.join(base, str(version)))
+            error = self._load(model, name, version, os.path.join(base, dirs[version]))
             if error and new_model:
                 failures.append(f"{{name: {name} version: {version}}} due to error: {error}")
         return failures, aspired
