@@ -966,7 +966,6 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
     except BaseException:
         _remove(out_dir if created else staging)
         raise
-    say(f"{manifest['rows']:,} rows in {len(manifest['spans'])} spans under {out_dir}")
     return manifest
 
 
