@@ -1,123 +1,202 @@
-"""Server-side request batching (`--enable_batching`): concurrent Predict calls run as one.
+"""Server-side batching of Predict calls: concurrent requests for one version and signature run as one call.
 
-Requests for the same model version and signature whose inputs agree on
-every dimension but the first wait up to `batch_timeout_micros` for company,
-are concatenated along the batch dimension (at most `max_batch_size` rows),
-run once, and split back. Anything that cannot be merged runs alone.
+TF Serving's BasicBatchScheduler semantics, with its defaults for fields a
+`--batching_parameters_file` leaves out (max_batch_size 1000,
+batch_timeout_micros 0, num_batch_threads = CPU count, max_enqueued_batches
+10): a batch thread that is free takes every queued call it can merge (same
+servable, signature, output filter, dtypes and non-batch dimensions; at most
+max_batch_size rows), so under load batches form while the previous one
+runs and a lone request waits for nobody. A timeout above 0 makes a free
+thread wait that long for company. Calls that cannot be merged run alone.
+When a merged call fails or its outputs cannot be split by rows, each call
+is rerun alone, so one bad request fails only itself.
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
+import logging
+import os
 import re
 import threading
-from typing import Dict, List, Tuple
+import time
+from typing import Deque, List, Optional
 
+import grpc
 import numpy as np
-import tensorflow as tf
 
-from serving import inference
-from serving.servable import DEFAULT_SIGNATURE
+from serving.errors import ServingError
 
 BATCHES_MERGED = "/tensorflow/serving/batching_session/merged_batch_count"
 REQUESTS_MERGED = "/tensorflow/serving/batching_session/merged_request_count"
+WRAPPED_RUNS = "/tensorflow/serving/batching_session/wrapped_run_count"
 
 
-def parse_parameters(path: str) -> Tuple[int, float]:
-    """(max_batch_size, batch timeout in seconds) from a text BatchingParameters file.
-
-    Read from the text form: the tensorflow-serving-api package ships no
-    BatchingParameters proto. TF Serving's defaults apply to absent fields.
-    """
-    text = ""
-    if path:
-        with open(path, encoding="utf-8") as f:
-            text = re.sub(r"#.*", "", f.read())
-
-    def field(name: str, default: int) -> int:
-        match = re.search(name + r"\s*:?\s*\{\s*value\s*:\s*(\d+)\s*\}", text)
-        return int(match.group(1)) if match else default
-
-    return field("max_batch_size", 32), field("batch_timeout_micros", 1000) / 1e6
+@dataclasses.dataclass
+class BatchingParameters:
+    max_batch_size: int = 1000
+    batch_timeout_micros: int = 0
+    num_batch_threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    max_enqueued_batches: int = 10
 
 
-class _Pending:
-    def __init__(self, request, rows: int):
-        self.request, self.rows = request, rows
-        self.done = threading.Event()
-        self.response = None
-        self.error = None
+def parse_parameters(path: str) -> BatchingParameters:
+    """A text BatchingParameters file (the tensorflow-serving-api package ships no proto for it)."""
+    params = BatchingParameters()
+    if not path:
+        return params
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"#.*", "", f.read())
+    for field in dataclasses.fields(BatchingParameters):
+        match = re.search(r"\b" + field.name + r"\s*:?\s*\{\s*value\s*:\s*(\d+)\s*\}", text)
+        if match:
+            setattr(params, field.name, int(match.group(1)))
+    if params.max_batch_size < 1 or params.num_batch_threads < 1:
+        raise ValueError(f"{path}: max_batch_size and num_batch_threads must be at least 1")
+    return params
+
+
+class _Item:
+    __slots__ = ("call", "deliver", "key", "rows", "enqueued")
+
+    def __init__(self, call, deliver):
+        self.call, self.deliver = call, deliver
+        self.enqueued = time.monotonic()
+        self.key, self.rows = _merge_key(call)
+
+
+def _merge_key(call):
+    """(what must agree for calls to merge, rows); a key of None never merges."""
+    firsts = set()
+    parts = []
+    for alias, value in call.inputs.items():
+        if value.ndim == 0:
+            return None, 1
+        firsts.add(value.shape[0])
+        parts.append((alias, value.dtype.str, value.shape[1:]))
+    if len(firsts) != 1:
+        return None, 1
+    return (id(call.servable), call.signature.key, call.outputs, tuple(sorted(parts))), firsts.pop()
 
 
 class Batcher:
-    def __init__(self, manager, max_batch_size: int = 32, timeout_seconds: float = 0.001, metrics=None):
-        self.manager, self.metrics = manager, metrics
-        self.max_batch_size, self.timeout = max_batch_size, timeout_seconds
-        self._lock = threading.Lock()
-        self._queues: Dict[tuple, List[_Pending]] = {}
-        self.batches_run = 0  # how many merged calls ran (for tests and metrics)
+    def __init__(self, params: Optional[BatchingParameters] = None, metrics=None, on_run=None):
+        self.params = params or BatchingParameters()
+        self.metrics = metrics
+        self._on_run = on_run or (lambda call, seconds: None)
+        self._pending: Deque[_Item] = collections.deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._stopped = False
+        self.batches_run = 0
+        self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+                         for i in range(self.params.num_batch_threads)]
+        for thread in self._threads:
+            thread.start()
 
-    def predict(self, manager, request):
-        servable = manager.resolve(request.model_spec)
-        key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        shapes = tuple(sorted((a, tuple(d.size for d in t.tensor_shape.dim[1:]), t.dtype)
-                              for a, t in request.inputs.items()))
-        first_dims = {t.tensor_shape.dim[0].size for t in request.inputs.values() if t.tensor_shape.dim}
-        if len(first_dims) != 1 or request.output_filter:
-            return inference.predict(manager, request)
-        rows = first_dims.pop()
-        queue_key = (servable.name, servable.version, key, shapes)
-        pending = _Pending(request, rows)
-        with self._lock:
-            queue = self._queues.setdefault(queue_key, [])
-            queue.append(pending)
-            leader = len(queue) == 1
-        if leader:
-            # The first request waits for others, then runs everybody queued by then.
-            threading.Event().wait(self.timeout)
-            with self._lock:
-                batch = self._queues.pop(queue_key, [])
-            self._run(manager, batch)
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.response
+    def submit(self, call, deliver) -> None:
+        """Queues a PredictCall; `deliver(outputs, error)` is called from a batch thread when it has run."""
+        item = _Item(call, deliver)
+        limit = self.params.max_enqueued_batches * self.params.max_batch_size
+        with self._cond:
+            if self._queued_rows + item.rows > limit and self._pending:
+                raise ServingError(grpc.StatusCode.UNAVAILABLE,
+                                   "The batch scheduling queue to which this task was submitted is full")
+            was_empty = not self._pending
+            self._pending.append(item)
+            self._queued_rows += item.rows
+            # Wake a thread only when there is news for it: work after none, or a full batch.
+            # (Waking it per request while it waits for company costs a GIL round trip each.)
+            if was_empty or self._queued_rows >= self.params.max_batch_size:
+                self._cond.notify()
 
-    def _run(self, manager, batch: List[_Pending]) -> None:
-        while batch:
-            group, rows = [], 0
-            while batch and (not group or rows + batch[0].rows <= self.max_batch_size):
-                item = batch.pop(0)
-                group.append(item)
-                rows += item.rows
-            try:
-                if len(group) == 1:
-                    group[0].response = inference.predict(manager, group[0].request)
-                else:
-                    self._run_merged(manager, group)
-            except Exception as e:  # noqa: BLE001 - handed to every caller in the group
-                for item in group:
-                    item.error = e
-            for item in group:
-                item.done.set()
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
 
-    def _run_merged(self, manager, group: List[_Pending]) -> None:
-        from tensorflow_serving.apis import predict_pb2
+    def _take(self) -> Optional[List[_Item]]:
+        with self._cond:
+            while not self._pending and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                return None
+            head = self._pending[0]
+            timeout = self.params.batch_timeout_micros / 1e6
+            if timeout > 0 and head.key is not None:
+                deadline = head.enqueued + timeout
+                while (not self._stopped and self._pending and self._pending[0] is head
+                       and sum(i.rows for i in self._pending if i.key == head.key) < self.params.max_batch_size):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if not self._pending or self._pending[0] is not head:
+                    return []  # another thread took it meanwhile
+            self._pending.popleft()
+            batch, rows, rest = [head], head.rows, collections.deque()
+            if head.key is not None:
+                while self._pending:
+                    item = self._pending.popleft()
+                    if item.key == head.key and rows + item.rows <= self.params.max_batch_size:
+                        batch.append(item)
+                        rows += item.rows
+                    else:
+                        rest.append(item)
+                self._pending = rest
+            self._queued_rows -= rows
+            if self._pending:
+                self._cond.notify()  # what is left is another thread's
+            return batch
 
-        merged = predict_pb2.PredictRequest()
-        merged.model_spec.CopyFrom(group[0].request.model_spec)
-        for alias in group[0].request.inputs:
-            parts = [tf.make_ndarray(item.request.inputs[alias]) for item in group]
-            merged.inputs[alias].CopyFrom(tf.make_tensor_proto(np.concatenate(parts, axis=0)))
-        response = inference.predict(manager, merged)
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _run_alone(self, item: _Item) -> None:
+        if self.metrics is not None:
+            self.metrics.increment(WRAPPED_RUNS, {})
+        started = time.perf_counter()
+        try:
+            outputs = item.call.run()
+        except Exception as e:  # noqa: BLE001 - the caller gets it
+            item.deliver(None, e)
+            return
+        self._on_run(item.call, time.perf_counter() - started)
+        item.deliver(outputs, None)
+
+    def _run(self, batch: List[_Item]) -> None:
+        if len(batch) == 1:
+            self._run_alone(batch[0])
+            return
+        first = batch[0].call
+        started = time.perf_counter()
+        try:
+            merged = {alias: np.concatenate([item.call.inputs[alias] for item in batch])
+                      for alias in first.inputs}
+            outputs = first.signature(merged, first.outputs)
+            total = sum(item.rows for item in batch)
+            if any(v.ndim == 0 or v.shape[0] != total for v in outputs.values()):
+                raise ValueError("outputs do not have the batch's rows")
+        except Exception as e:  # noqa: BLE001 - rerun alone so only a bad request fails
+            logging.debug("merged call of %d requests failed (%s); running them one by one", len(batch), e)
+            for item in batch:
+                self._run_alone(item)
+            return
+        seconds = time.perf_counter() - started
         self.batches_run += 1
         if self.metrics is not None:
-            self.metrics.increment(BATCHES_MERGED, {"model_name": merged.model_spec.name})
-            self.metrics.increment(REQUESTS_MERGED, {"model_name": merged.model_spec.name}, len(group))
+            name = first.name
+            self.metrics.increment(BATCHES_MERGED, {"model_name": name})
+            self.metrics.increment(REQUESTS_MERGED, {"model_name": name}, len(batch))
+            self.metrics.increment(WRAPPED_RUNS, {})
         start = 0
-        for item in group:
-            own = predict_pb2.PredictResponse()
-            own.model_spec.CopyFrom(response.model_spec)
-            for alias, tensor in response.outputs.items():
-                value = tf.make_ndarray(tensor)
-                own.outputs[alias].CopyFrom(tf.make_tensor_proto(value[start:start + item.rows]))
-            item.response = own
-            start += item.rows
+        for item in batch:
+            end = start + item.rows
+            self._on_run(item.call, seconds)
+            item.deliver({alias: value[start:end] for alias, value in outputs.items()}, None)
+            start = end

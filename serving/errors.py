@@ -41,6 +41,14 @@ class ServingError(Exception):
         return self.message
 
 
+_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def grpc_code(tf_code: int) -> grpc.StatusCode:
+    """The gRPC status with the same number as a TensorFlow error code (TF Serving keeps the number)."""
+    return _BY_VALUE.get(tf_code, grpc.StatusCode.UNKNOWN)
+
+
 def invalid(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -51,3 +59,7 @@ def not_found(message: str) -> ServingError:
 
 def failed_precondition(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def unimplemented(message: str) -> ServingError:
+    return ServingError(grpc.StatusCode.UNIMPLEMENTED, message)

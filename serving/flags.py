@@ -4,6 +4,10 @@ Accepts `--flag=value`, `--flag value` and bare booleans (`--flag`,
 `--flag=true|false`), so a command line written for the real binary starts
 this server unchanged. Other real-server flags are accepted and ignored with
 a warning. increc adds `--host`, `--max_request_bytes` and `--backend`.
+One default differs on purpose: `--enable_batching` is on, because merging
+concurrent requests is what makes a Python server keep up (README, Serving);
+`--enable_batching=false` turns it off, and `to_argv` always spells it out
+for the real binary, whose default is off.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ IGNORED = {
     "saved_model_tags", "grpc_channel_arguments", "enable_model_warmup_with_inference_on_load",
     "platform_config_file", "ssl_config_file", "model_config_file_poll_wait_seconds_for_retries",
     "flush_filesystem_caches", "num_load_threads", "num_unload_threads", "xla_cpu_compilation_enabled",
-    "enable_signature_method_name_check", "enable_serialization_as_tensor_content", "remove_unused_fields_from_bundle_metagraph",
+    "enable_serialization_as_tensor_content", "remove_unused_fields_from_bundle_metagraph",
     "prefer_tflite_model", "use_tflite_model", "mixed_precision", "thread_pool_factory_config_file",
     "grpc_max_threads", "servable_versions_always_present", "tfrt_use_fused_gpu_op", "use_tfrt",
 }
@@ -37,9 +41,10 @@ class Flags:
     file_system_poll_wait_seconds: int = 1
     monitoring_config_file: str = ""
     allow_version_labels_for_unavailable_models: bool = False
-    enable_batching: bool = False
+    enable_batching: bool = True  # TF Serving's default is false; see the module docstring
     batching_parameters_file: str = ""
     enable_model_warmup: bool = True
+    enable_signature_method_name_check: bool = False
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60_000_000
     # increc's own
@@ -121,6 +126,10 @@ def usage() -> str:
     return "usage: increc serve [flags]\n  " + "\n  ".join(names)
 
 
+# Where this server's default differs from tensorflow_model_server's, the real one's.
+REAL_DEFAULTS = {"enable_batching": False}
+
+
 def to_argv(flags: Flags, only_real: bool = True) -> List[str]:
     """The command line for a real tensorflow_model_server with the same meaning."""
     out = []
@@ -129,7 +138,9 @@ def to_argv(flags: Flags, only_real: bool = True) -> List[str]:
         if only_real and field.name in ("host", "max_request_bytes", "backend"):
             continue
         value = getattr(flags, field.name)
-        if value == getattr(defaults, field.name) and field.name not in ("port",):
+        default = REAL_DEFAULTS.get(field.name, getattr(defaults, field.name)) if only_real else \
+            getattr(defaults, field.name)
+        if value == default and field.name not in ("port",):
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"

@@ -1,35 +1,38 @@
-"""The request handlers behind both APIs: gRPC calls them directly, REST after turning JSON into protos.
+"""The request handlers behind both APIs (tf-serving-reference.md §2), on `tensorflow_serving.apis` protos.
 
-Each takes a ModelManager and a `tensorflow_serving.apis` request proto and
-returns the response proto, or raises ServingError with TF Serving's code
-and message (tf-serving-reference.md §2).
+Every API resolves its ModelSpec to a servable exactly once and hands that
+servable down, so a label that moves while a request runs cannot make one
+request use two versions. Predict is split in three steps so that the
+front ends can batch the middle one: `prepare_predict` (resolve, check,
+decode the input tensors), running the signature, and `predict_response`.
+Errors are ServingError with TF Serving's code and message.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional
 
-import grpc
 import numpy as np
-import tensorflow as tf
 from google.protobuf import any_pb2
 from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, get_model_status_pb2,
                                      inference_pb2, predict_pb2, regression_pb2)
 
-from serving import model_manager as mm
-from serving.errors import ServingError, invalid
-from serving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD, Servable
+from serving import model_manager as mm, tensors
+from serving.errors import failed_precondition, invalid, unimplemented
+from serving.servable import CLASSIFY_METHOD, DEFAULT_SIGNATURE, REGRESS_METHOD, Servable, Signature
 
 STATE_ENUM = get_model_status_pb2.ModelVersionStatus.State
+DEFAULT_MAX_BYTES = 64 << 20
 
 
 def _set(names) -> str:
     return "{" + ",".join(sorted(names)) + "}"
 
 
-def _fill_spec(response_spec, request_spec, servable: Servable, signature: str) -> None:
-    response_spec.name = request_spec.name
+def _fill_spec(response_spec, name: str, servable: Servable, signature: Optional[str]) -> None:
+    response_spec.name = name
     response_spec.version.value = servable.version
-    response_spec.signature_name = signature
+    if signature is not None:
+        response_spec.signature_name = signature or DEFAULT_SIGNATURE
 
 
 def _require_spec(request) -> None:
@@ -37,33 +40,80 @@ def _require_spec(request) -> None:
         raise invalid("Missing ModelSpec")
 
 
-def predict(manager: mm.ModelManager, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
-    _require_spec(request)
-    servable = manager.resolve(request.model_spec)
-    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    signature = servable.signature(key, "predict")
-    sent, required = set(request.inputs), set(signature.inputs)
+# --- Predict ---
+
+class PredictCall:
+    """A checked Predict request: the one servable and signature it resolved to, and its inputs as arrays."""
+
+    __slots__ = ("name", "servable", "signature", "inputs", "outputs")
+
+    def __init__(self, name: str, servable: Servable, signature: Signature, inputs: Dict[str, np.ndarray],
+                 outputs: tuple):
+        self.name, self.servable, self.signature = name, servable, signature
+        self.inputs, self.outputs = inputs, outputs
+
+    def run(self) -> Dict[str, np.ndarray]:
+        return self.signature(self.inputs, self.outputs)
+
+
+def check_predict_inputs(signature: Signature, sent) -> None:
+    required = set(signature.input_dtypes)
+    sent = set(sent)
     if sent != required:
         raise invalid(f"input size does not match signature: {len(sent)}!={len(required)} len({_set(sent)}) != "
                       f"len({_set(required)}). Sent extra: {_set(sent - required)}. "
                       f"Missing but required: {_set(required - sent)}.")
-    wanted = list(request.output_filter)
+
+
+def check_output_filter(signature: Signature, wanted) -> tuple:
+    wanted = tuple(wanted)
     for alias in wanted:
-        if alias not in signature.outputs:
+        if alias not in signature.definition.outputs:
             raise invalid(f"output tensor alias not found in signature: {alias} Outputs expected to be in the "
-                          f"set {_set(signature.outputs)}.")
+                          f"set {_set(signature.output_aliases)}.")
     if len(set(wanted)) != len(wanted):
         raise invalid(f"duplicate output tensor alias in output_filter: {_set(wanted)}")
-    inputs = {alias: tf.make_ndarray(tensor) for alias, tensor in request.inputs.items()}
-    outputs = servable.run(key, inputs, wanted)
+    return wanted
+
+
+def prepare_predict(manager: mm.ModelManager, request: predict_pb2.PredictRequest,
+                    max_bytes: int = DEFAULT_MAX_BYTES) -> PredictCall:
+    _require_spec(request)
+    spec = request.model_spec
+    servable = manager.resolve(spec)
+    signature = servable.signature(spec.signature_name, "predict")
+    given = request.inputs
+    defaults = signature.definition.defaults if hasattr(signature.definition, "defaults") else {}
+    check_predict_inputs(signature, set(given) | {a for a in defaults if a in signature.input_dtypes})
+    outputs = check_output_filter(signature, request.output_filter)
+    inputs = {}
+    for alias, proto in given.items():
+        inputs[alias] = array = tensors.to_array(alias, proto, max_bytes)
+        signature.check(alias, array, proto.dtype)
+    for alias in signature.input_dtypes:
+        if alias not in inputs:  # filled from the signature's defaults
+            inputs[alias] = tensors.to_array(alias, defaults[alias], max_bytes)
+    return PredictCall(spec.name, servable, signature, inputs, outputs)
+
+
+def predict_response(call: PredictCall, outputs: Dict[str, np.ndarray]) -> predict_pb2.PredictResponse:
     response = predict_pb2.PredictResponse()
-    _fill_spec(response.model_spec, request.model_spec, servable, key)
+    _fill_spec(response.model_spec, call.name, call.servable, call.signature.key)
     for alias, value in outputs.items():
-        response.outputs[alias].CopyFrom(tf.make_tensor_proto(value))
+        tensors.fill_proto(response.outputs[alias], value)
     return response
 
 
-def serialized_examples(input_proto) -> List[bytes]:
+def predict(manager: mm.ModelManager, request: predict_pb2.PredictRequest,
+            max_bytes: int = DEFAULT_MAX_BYTES) -> predict_pb2.PredictResponse:
+    """The whole Predict in the calling thread (warmup; front ends run the middle step their own way)."""
+    call = prepare_predict(manager, request, max_bytes)
+    return predict_response(call, call.run())
+
+
+# --- Classify, Regress, MultiInference ---
+
+def serialized_examples(input_proto) -> np.ndarray:
     """tf.Examples of a tensorflow.serving.Input as the DT_STRING batch TF Serving feeds (context merged in)."""
     kind = input_proto.WhichOneof("kind")
     if kind == "example_list":
@@ -75,93 +125,181 @@ def serialized_examples(input_proto) -> List[bytes]:
         records = []
     if not records:
         raise invalid("Input is empty.")
-    return records
+    array = np.empty(len(records), dtype=object)
+    array[:] = records
+    return array
 
 
-def _example_signature(servable: Servable, key: str, api: str):
-    signature = servable.signature(key, api)
-    if len(signature.inputs) != 1:
-        raise invalid(f"Expected one input Tensor, found {len(signature.inputs)}.")
-    if api == "classify" and not ({"classes", "scores"} & set(signature.outputs)):
-        raise invalid("Expected classification signature outputs to contain at least one of classes or scores.")
-    if api == "regress" and "outputs" not in signature.outputs:
-        raise invalid("No regression outputs found in signature, expected 'outputs'.")
-    return signature
+def _definition_text(signature: Signature) -> str:
+    return str(signature.definition)
 
 
-def _classify_results(servable: Servable, key: str, records: List[bytes], result) -> None:
-    signature = _example_signature(servable, key, "classify")
-    (alias,) = signature.inputs
-    outputs = servable.run(key, {alias: np.array(records, dtype=object)},
-                           [o for o in ("classes", "scores") if o in signature.outputs])
-    scores, classes = outputs.get("scores"), outputs.get("classes")
-    width = (scores if scores is not None else classes).reshape(len(records), -1).shape[1]
-    for i in range(len(records)):
+def classify_outputs(signature: Signature, method_check: bool) -> List[str]:
+    """TF Serving's PreProcessClassification: which outputs a classify call fetches."""
+    definition = signature.definition
+    if method_check and definition.method_name != CLASSIFY_METHOD:
+        raise invalid(f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
+                      f"Was: {definition.method_name}")
+    if len(definition.inputs) != 1:
+        raise invalid("Expected one input Tensor.")
+    if len(definition.outputs) not in (1, 2):
+        raise invalid(f"Expected one or two output Tensors, found {len(definition.outputs)}")
+    if "inputs" not in definition.inputs:
+        raise failed_precondition(f"No classification inputs found in SignatureDef: {_definition_text(signature)}")
+    outputs = [o for o in ("classes", "scores") if o in definition.outputs]
+    if not outputs:
+        raise failed_precondition('Expected classification signature outputs to contain at least one of "classes" '
+                                  f'or "scores". Signature was: {_definition_text(signature)}')
+    return outputs
+
+
+def regress_outputs(signature: Signature, method_check: bool) -> List[str]:
+    """TF Serving's PreProcessRegression."""
+    definition = signature.definition
+    if method_check and definition.method_name != REGRESS_METHOD:
+        raise invalid(f"Expected regression signature method_name to be {REGRESS_METHOD}. "
+                      f"Was: {definition.method_name}")
+    if len(definition.inputs) != 1:
+        raise invalid("Expected one input Tensor.")
+    if len(definition.outputs) != 1:
+        raise invalid("Expected one output Tensor.")
+    if "inputs" not in definition.inputs:
+        raise failed_precondition(f"No regression inputs found in SignatureDef: {_definition_text(signature)}")
+    if "outputs" not in definition.outputs:
+        raise failed_precondition(f"No regression outputs found in SignatureDef: {_definition_text(signature)}")
+    return ["outputs"]
+
+
+def _shape(value: np.ndarray) -> str:
+    return "[" + ",".join(map(str, value.shape)) + "]"
+
+
+def fill_classifications(outputs: Dict[str, np.ndarray], n: int, result) -> None:
+    """TF Serving's PostProcessClassificationResult."""
+    classes, scores = outputs.get("classes"), outputs.get("scores")
+    for name, value, kind in (("classes", classes, "O"), ("scores", scores, "f")):
+        if value is None:
+            continue
+        if value.ndim != 2:
+            raise invalid(f"Expected Tensor shape: [batch_size num_classes] but got {_shape(value)}")
+        if kind == "O" and value.dtype != object:
+            raise invalid(f"Expected classes Tensor of DT_STRING. Got: {value.dtype}")
+        if kind == "f" and value.dtype != np.float32:
+            raise invalid(f"Expected scores Tensor of DT_FLOAT. Got: {value.dtype}")
+        if value.shape[0] != n:
+            raise invalid(f"Expected {name} output batch size of {n}. Got: {value.shape[0]}")
+    if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
+        raise invalid(f"Tensors class and score should match in dim_size(1). Got {classes.shape[1]} vs. "
+                      f"{scores.shape[1]}")
+    width = (classes if classes is not None else scores).shape[1]
+    labels = classes.tolist() if classes is not None else None
+    values = scores.tolist() if scores is not None else None
+    for i in range(n):
         row = result.classifications.add()
         for j in range(width):
             entry = row.classes.add()
-            if classes is not None:
-                entry.label = classes.reshape(len(records), -1)[i, j].decode("utf-8", "replace")
-            if scores is not None:
-                entry.score = float(scores.reshape(len(records), -1)[i, j])
+            if labels is not None:
+                entry.label = labels[i][j].decode("utf-8", "replace") if isinstance(labels[i][j], bytes) else labels[i][j]
+            if values is not None:
+                entry.score = values[i][j]
 
 
-def _regress_results(servable: Servable, key: str, records: List[bytes], result) -> None:
-    signature = _example_signature(servable, key, "regress")
-    (alias,) = signature.inputs
-    values = servable.run(key, {alias: np.array(records, dtype=object)}, ["outputs"])["outputs"]
-    values = values.reshape(len(records), -1)
-    if values.shape[1] != 1:
+def fill_regressions(outputs: Dict[str, np.ndarray], n: int, result) -> None:
+    """TF Serving's PostProcessRegressionResult."""
+    values = outputs["outputs"]
+    if not (values.ndim == 1 or (values.ndim == 2 and values.shape[1] == 1)):
         raise invalid(f"Expected output Tensor shape to be either [batch_size] or [batch_size, 1] but got "
-                      f"{list(values.shape)}")
-    for value in values[:, 0]:
-        result.regressions.add().value = float(value)
+                      f"{_shape(values)}")
+    if values.dtype != np.float32:
+        raise invalid(f"Expected output Tensor of DT_FLOAT. Got: {values.dtype}")
+    if values.shape[0] != n:
+        raise invalid(f"Input batch size did not match output batch size: {n} vs. {values.shape[0]}")
+    for value in values.reshape(-1).tolist():
+        result.regressions.add().value = value
 
 
-def _example_api(manager: mm.ModelManager, request, api: str, response, fill_results):
-    """Classify and Regress: resolve, check the signature, run on the serialized examples."""
+class ExampleCall:
+    """A checked Classify or Regress request, resolved once."""
+
+    def __init__(self, api: str, name: str, servable: Servable, signature: Signature, records: np.ndarray,
+                 outputs: List[str]):
+        self.api, self.name, self.servable, self.signature = api, name, servable, signature
+        self.records, self.outputs = records, outputs
+
+    def run(self):
+        (alias,) = self.signature.input_dtypes
+        outputs = self.signature({alias: self.records}, self.outputs)
+        if self.api == "classify":
+            response = classification_pb2.ClassificationResponse()
+            fill_classifications(outputs, len(self.records), response.result)
+        else:
+            response = regression_pb2.RegressionResponse()
+            fill_regressions(outputs, len(self.records), response.result)
+        _fill_spec(response.model_spec, self.name, self.servable, self.signature.key)
+        return response
+
+
+def prepare_examples(manager: mm.ModelManager, request, api: str, method_check: bool = False) -> ExampleCall:
+    """Classify and Regress: resolve, check the signature's structure, serialize the examples."""
     _require_spec(request)
     servable = manager.resolve(request.model_spec)
-    key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-    servable.signature(key, api)
-    fill_results(servable, key, serialized_examples(request.input), response.result)
-    _fill_spec(response.model_spec, request.model_spec, servable, key)
-    return response
+    signature = servable.signature(request.model_spec.signature_name, api)
+    outputs = (classify_outputs if api == "classify" else regress_outputs)(signature, method_check)
+    return ExampleCall(api, request.model_spec.name, servable, signature, serialized_examples(request.input), outputs)
 
 
-def classify(manager: mm.ModelManager, request: classification_pb2.ClassificationRequest):
-    return _example_api(manager, request, "classify", classification_pb2.ClassificationResponse(), _classify_results)
+def classify(manager: mm.ModelManager, request: classification_pb2.ClassificationRequest, method_check=False):
+    return prepare_examples(manager, request, "classify", method_check).run()
 
 
-def regress(manager: mm.ModelManager, request: regression_pb2.RegressionRequest):
-    return _example_api(manager, request, "regress", regression_pb2.RegressionResponse(), _regress_results)
+def regress(manager: mm.ModelManager, request: regression_pb2.RegressionRequest, method_check=False):
+    return prepare_examples(manager, request, "regress", method_check).run()
 
 
-def multi_inference(manager: mm.ModelManager, request: inference_pb2.MultiInferenceRequest):
-    if not request.tasks:
-        raise invalid("Found no inference tasks.")
-    names = {t.model_spec.name for t in request.tasks}
-    if len(names) != 1:
-        raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
-    signatures = [t.model_spec.signature_name or DEFAULT_SIGNATURE for t in request.tasks]
-    if len(set(signatures)) != len(signatures):
-        raise invalid("Duplicate evaluation of signature: " + ", ".join(sorted(signatures)))
-    records = serialized_examples(request.input)
-    servable = manager.resolve(request.tasks[0].model_spec)
-    response = inference_pb2.MultiInferenceResponse()
-    for task, key in zip(request.tasks, signatures):
-        method = task.method_name or servable.signature(key, "classify").method_name
-        result = response.results.add()
-        if method == CLASSIFY_METHOD:
-            _classify_results(servable, key, records, result.classification_result)
-        elif method == REGRESS_METHOD:
-            _regress_results(servable, key, records, result.regression_result)
+def multi_inference(manager: mm.ModelManager, request: inference_pb2.MultiInferenceRequest, method_check=False):
+    """TF Serving's RunMultiInference: every task on the same examples, in one call of the model."""
+    first = request.tasks[0].model_spec if request.tasks else None
+    servable = manager.resolve(first if first is not None else predict_pb2.PredictRequest().model_spec)
+    name, keys, plans, input_name = (first.name if first is not None else ""), set(), [], None
+    for task in request.tasks:
+        if not task.model_spec.name:
+            raise invalid("Found ModelSpec with an empty model name.")
+        if task.model_spec.name != name:
+            raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        key = task.model_spec.signature_name or DEFAULT_SIGNATURE
+        if key in keys:
+            raise invalid(f"Duplicate evaluation of signature: {key}")
+        keys.add(key)
+        signature = servable.signatures.get(key)
+        if signature is None:
+            raise invalid(f"Requested signature not found in model graph: {key}")
+        if task.method_name == CLASSIFY_METHOD:
+            outputs = classify_outputs(signature, method_check)
+        elif task.method_name == REGRESS_METHOD:
+            outputs = regress_outputs(signature, method_check)
         else:
-            raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                               f"Unsupported signature method_name: {method}")
-        _fill_spec(result.model_spec, task.model_spec, servable, key)
+            raise unimplemented(f"Unsupported signature method_name: {task.method_name}")
+        tensor = signature.definition.inputs["inputs"].name
+        if input_name is not None and tensor != input_name:
+            raise invalid("Input tensor must be the same for all Signatures.")
+        input_name = tensor
+        plans.append((task, key, outputs))
+    records = serialized_examples(request.input)
+    response = inference_pb2.MultiInferenceResponse()
+    if not plans:
+        return response
+    results = servable.run_combined([(key, outputs) for _, key, outputs in plans], records)
+    for (task, key, _), outputs in zip(plans, results):
+        result = response.results.add()
+        if task.method_name == CLASSIFY_METHOD:
+            fill_classifications(outputs, len(records), result.classification_result)
+        else:
+            fill_regressions(outputs, len(records), result.regression_result)
+        _fill_spec(result.model_spec, name, servable, key)
     return response
 
+
+# --- metadata and status ---
 
 def get_model_metadata(manager: mm.ModelManager, request: get_model_metadata_pb2.GetModelMetadataRequest):
     _require_spec(request)
@@ -175,8 +313,7 @@ def get_model_metadata(manager: mm.ModelManager, request: get_model_metadata_pb2
     for key, signature in servable.signature_defs.items():
         signature_map.signature_def[key].CopyFrom(signature)
     response = get_model_metadata_pb2.GetModelMetadataResponse()
-    response.model_spec.name = request.model_spec.name
-    response.model_spec.version.value = servable.version
+    _fill_spec(response.model_spec, request.model_spec.name, servable, None)
     packed = any_pb2.Any()
     packed.Pack(signature_map)
     response.metadata["signature_def"].CopyFrom(packed)
@@ -184,13 +321,13 @@ def get_model_metadata(manager: mm.ModelManager, request: get_model_metadata_pb2
 
 
 def get_model_status(manager: mm.ModelManager, request: get_model_status_pb2.GetModelStatusRequest):
+    from tensorflow.core.protobuf import error_codes_pb2
+
     _require_spec(request)
     if not request.model_spec.name:
         raise invalid("ModelSpec has no name specified.")
     version = request.model_spec.version.value if request.model_spec.HasField("version") else None
     response = get_model_status_pb2.GetModelStatusResponse()
-    from tensorflow.core.protobuf import error_codes_pb2
-
     for number, state in manager.status(request.model_spec.name, version):
         entry = response.model_version_status.add()
         entry.version = number
@@ -200,23 +337,32 @@ def get_model_status(manager: mm.ModelManager, request: get_model_status_pb2.Get
     return response
 
 
-def replay_warmup(servable: Servable, log) -> None:
+# --- warmup ---
+
+def replay_warmup(servable: Servable, log, method_check: bool = False) -> None:
     """Runs one warmup PredictionLog's request against a servable that is not serving yet."""
     kind = log.WhichOneof("log_type")
+    pinned = _Pinned(servable)
+    if kind in ("predict_log", "classify_log", "regress_log"):
+        # TF Serving runs warmup on the bundle itself: a request needs no ModelSpec.
+        getattr(log, kind).request.model_spec.SetInParent()
     if kind == "predict_log":
-        request = log.predict_log.request
-        key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        servable.signature(key, "predict")
-        servable.run(key, {a: tf.make_ndarray(t) for a, t in request.inputs.items()}, list(request.output_filter))
+        predict(pinned, log.predict_log.request)
     elif kind == "classify_log":
-        request = log.classify_log.request
-        key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        _classify_results(servable, key, serialized_examples(request.input), classification_pb2.ClassificationResult())
+        classify(pinned, log.classify_log.request, method_check)
     elif kind == "regress_log":
-        request = log.regress_log.request
-        key = request.model_spec.signature_name or DEFAULT_SIGNATURE
-        _regress_results(servable, key, serialized_examples(request.input), regression_pb2.RegressionResult())
+        regress(pinned, log.regress_log.request, method_check)
+    elif kind == "multi_inference_log":
+        multi_inference(pinned, log.multi_inference_log.request, method_check)
     else:
-        raise ServingError(grpc.StatusCode.UNIMPLEMENTED,
-                           f"Unsupported log_type for warmup: {kind}")
+        raise unimplemented(f"Unsupported log_type for warmup: {kind}")
 
+
+class _Pinned:
+    """A stand-in manager that resolves every ModelSpec to the version being warmed up."""
+
+    def __init__(self, servable: Servable):
+        self.servable = servable
+
+    def resolve(self, model_spec) -> Servable:
+        return self.servable

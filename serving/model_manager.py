@@ -1,7 +1,9 @@
 """Which versions of which models are loaded, and how that changes (tf-serving-reference.md §3).
 
-- Versions are the numeric children of a model's base path; the version
-  policy (`latest{N}` by default, `all`, `specific`) picks the aspired ones.
+- Versions are the children of a model's base path whose names parse as
+  numbers the way TF Serving parses them (`00000123` is 123); base paths may
+  be any URI tf.io.gfile reads. The version policy (`latest{N}` by default,
+  `all`, `specific`) picks the aspired ones.
 - Swaps preserve availability: new versions load (and warm up) before old
   ones unload, and a version that fails to load never serves while the old
   one keeps serving; the failure stays visible in model status as END.
@@ -20,6 +22,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import grpc
+import tensorflow as tf
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import servable as servable_lib
@@ -48,6 +51,7 @@ class Model:
 # absl::SimpleAtoi on a directory name: optional ASCII whitespace around an optional sign and ASCII digits.
 _ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*", re.ASCII)
 INT64_MAX = 2 ** 63 - 1
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # gs://, s3://, hdfs://: what tf.io.gfile reads
 
 
 def parse_version(name: str) -> Optional[int]:
@@ -67,9 +71,9 @@ def version_dirs(base_path: str) -> Dict[int, str]:
     the first in sorted order wins, with a warning.
     """
     found: Dict[int, str] = {}
-    for name in sorted(os.listdir(base_path)):
+    for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(base_path)):
         number = parse_version(name)
-        if number is None or not os.path.isdir(os.path.join(base_path, name)):
+        if number is None or not tf.io.gfile.isdir(os.path.join(base_path, name)):
             continue
         if number in found:
             logging.warning("%s: directories %r and %r are both version %d; using %r", base_path, found[number],
@@ -93,7 +97,8 @@ def aspired_versions(config: model_server_config_pb2.ModelConfig, on_disk: List[
 class ModelManager:
     def __init__(self, allow_labels_for_unavailable: bool = False, enable_warmup: bool = True,
                  max_load_retries: int = 5, retry_interval_seconds: float = 60.0,
-                 warmup_handler: Optional[Callable] = None, on_load: Optional[Callable] = None):
+                 warmup_handler: Optional[Callable] = None, on_load: Optional[Callable] = None,
+                 on_warmup: Optional[Callable] = None):
         self._models: Dict[str, Model] = {}
         self._lock = threading.RLock()  # guards _models
         self._sync_lock = threading.Lock()  # one config change or rescan at a time
@@ -103,6 +108,7 @@ class ModelManager:
         self._retry_interval = retry_interval_seconds
         self._warmup_handler = warmup_handler
         self._on_load = on_load or (lambda path, ok, seconds: None)
+        self._on_warmup = on_warmup
         self._stop = threading.Event()
 
     # --- configuration ---
@@ -118,7 +124,7 @@ class ModelManager:
                 raise invalid("ModelConfig has no name")
             if names.count(entry.name) > 1:
                 raise invalid(f"Illegal to list model {entry.name} multiple times in config list")
-            if not os.path.isabs(entry.base_path):
+            if not (os.path.isabs(entry.base_path) or _URI.match(entry.base_path)):
                 raise invalid(f"Expected model {entry.name} to have an absolute path or URI; got base_path()="
                               f"{entry.base_path}")
             if entry.model_platform and entry.model_platform != "tensorflow":
@@ -183,7 +189,7 @@ class ModelManager:
         if model is None:
             return [], None
         base = model.config.base_path
-        if not os.path.isdir(base):
+        if not tf.io.gfile.isdir(base):
             message = f"Could not find base path {base} for servable {name} with error NOT_FOUND: {base} not found"
             logging.error(message)
             return ([f"{{name: {name} }} due to error: {message}"] if new_model else []), None
@@ -236,9 +242,9 @@ class ModelManager:
         started = time.time()
         try:
             handler = self._warmup_handler if self._enable_warmup else None
-            loaded = servable_lib.load(name, version, path, handler)
+            loaded = servable_lib.load(name, version, path, handler, self._on_warmup)
         except Exception as e:  # noqa: BLE001 - any load failure is reported in status, old versions keep serving
-            message = getattr(e, "message", None) or str(e) or type(e).__name__
+            message = servable_lib.clean_message(getattr(e, "message", None) or str(e)) or type(e).__name__
             code = e.code.name if isinstance(e, ServingError) else "UNKNOWN"
             logging.error("model %s version %d failed to load: %s", name, version, message)
             with self._lock:
@@ -249,6 +255,23 @@ class ModelManager:
             state.servable, state.state, state.error_code, state.error_message = loaded, AVAILABLE, "OK", ""
         self._on_load(path, True, time.time() - started)
         return None
+
+    def wait_until_available(self, poll_seconds: float, stop: threading.Event) -> None:
+        """Blocks, rescanning, until every model has an AVAILABLE version (TF Serving's startup).
+
+        A model whose base path holds no version yet keeps the server from
+        opening its ports, as in TF Serving, until one appears.
+        """
+        while not stop.is_set():
+            with self._lock:
+                waiting = [name for name, model in self._models.items()
+                           if not any(s.state == AVAILABLE for s in model.versions.values())]
+            if not waiting:
+                return
+            logging.warning("waiting for a version of %s to become available", ", ".join(sorted(waiting)))
+            if stop.wait(max(poll_seconds, 1.0)):
+                return
+            self.rescan()
 
     def start_polling(self, seconds: float) -> None:
         if seconds <= 0:

@@ -63,6 +63,60 @@ def make_tf2(path: Path, scale: float = 1.0) -> Path:
     return path
 
 
+class Slow(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, "n")])
+    def spin(self, n):
+        (count,) = tf.while_loop(lambda i: i < n[0], lambda i: (i + 1,), [tf.constant(0, tf.int64)])
+        return {"done": n * 0 + count}
+
+
+def make_slow(path: Path) -> Path:
+    """`serving_default(n)` spins n loop iterations (about a second per 100k on a busy core): a slow model."""
+    module = Slow()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.spin})
+    return path
+
+
+def make_tf1_counting(path: Path) -> Path:
+    """A TF1 graph whose classify and regress signatures share one stateful op that counts session runs.
+
+    `count` (Predict, input `x` ignored) reads the counter: MultiInference over
+    classify + regress adds 1 when both run in one session call, 2 otherwise.
+    """
+    signature_utils = tf.compat.v1.saved_model.signature_def_utils
+    graph = tf.Graph()
+    with graph.as_default():
+        examples = tf.compat.v1.placeholder(tf.string, [None], name="tf_example")
+        parsed = tf.io.parse_example(examples, {"x": tf.io.FixedLenFeature([1], tf.float32)})
+        counter = tf.compat.v1.Variable(0.0, name="runs")
+        runs = counter.assign_add(1.0)
+        with tf.control_dependencies([runs]):
+            y = 0.5 * parsed["x"] + 2.0
+        classes = tf.tile(tf.constant([["class"]]), tf.stack([tf.shape(y)[0], 1]))
+        x = tf.compat.v1.placeholder(tf.float32, [None], name="x")
+        read = tf.identity(counter.read_value() + 0.0 * x, name="count")
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(str(path))
+            builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={
+                "classify": signature_utils.classification_signature_def(examples, classes, y),
+                "regress": signature_utils.regression_signature_def(examples, y),
+                "count": signature_utils.predict_signature_def({"x": x}, {"count": read}),
+            })
+            builder.save()
+    return path
+
+
+def write_warmup(version_dir: Path, logs) -> Path:
+    """assets.extra/tf_serving_warmup_requests holding the given PredictionLogs."""
+    path = version_dir / "assets.extra" / "tf_serving_warmup_requests"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for log in logs:
+            writer.write(log.SerializeToString())
+    return path
+
+
 def make_keras(path: Path) -> Path:
     inputs = tf.keras.Input(shape=(3,), name="features")
     outputs = tf.keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros", name="score")(inputs)
@@ -95,9 +149,10 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.read_log()[-3000:]}")
             try:
                 grpc.channel_ready_future(grpc.insecure_channel(self.grpc_address)).result(timeout=0.5)
-                return
             except grpc.FutureTimeoutError:
                 continue
+            if not rest or _accepts(self.rest_port):
+                return
         self.stop()
         raise TimeoutError(f"server did not start: {self.read_log()[-3000:]}")
 
@@ -132,6 +187,14 @@ class ServerProcess:
         self.stop()
 
 
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def http(method: str, url: str, body=None, headers=None):
     """(status, headers, text) of one HTTP request, without raising on 4xx/5xx."""
     data = body if isinstance(body, (bytes, type(None))) else (body if isinstance(body, bytes) else
@@ -144,10 +207,32 @@ def http(method: str, url: str, body=None, headers=None):
         return e.code, dict(e.headers), e.read().decode()
 
 
-def copy_version(source: Path, base: Path, version: int) -> Path:
+def copy_version(source: Path, base: Path, version, name: str = "") -> Path:
     """Copies a SavedModel in as a new version the way the pusher does (hidden dir, then rename)."""
     staging = base / f".staging-{version}"
     shutil.copytree(source, staging)
-    target = base / str(version)
+    target = base / (name or str(version))
     os.rename(staging, target)
     return target
+
+
+def raw_http(port: int, data: bytes, timeout: float = 30.0) -> bytes:
+    """Sends raw bytes to 127.0.0.1:port and returns everything the server sends until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+
+
+def wait_for(condition, timeout: float = 60.0) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False

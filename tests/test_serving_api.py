@@ -106,7 +106,7 @@ def test_rest_nan_infinity_and_trailing_bytes(server):
     ("/v1/models/half:predict", {"signature_name": 3, "instances": [1.0]}, 400, "'signature_name' key must be a string value."),
     ("/v1/models/half:predict", {"signature_name": "foo", "instances": [1.0]}, 400,
      'Serving signature name: "foo" not found in signature def'),
-    ("/v1/models/half:predict", {"instances": ["a"]}, 400, 'JSON Value: "a" Type: STRING is not of expected type: float'),
+    ("/v1/models/half:predict", {"instances": ["a"]}, 400, 'JSON Value: "a" Type: String is not of expected type: float'),
     ("/v1/models/nope:predict", {"instances": [1.0]}, 404, "Servable not found for request: Latest(nope)"),
     ("/v1/models/half/versions/9:predict", {"instances": [1.0]}, 404, "Servable not found for request: Specific(half, 9)"),
     ("/v1/models/half/labels/nolabel:predict", {"instances": [1.0]}, 400, "Unrecognized servable version label: nolabel"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -15,7 +16,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving import flags as flags_lib, launcher, model_config
 from serving.client import END, ServingClient, rest_predict
-from tests.serving_helpers import ServerProcess, copy_version, http, make_tf1_half_plus_two
+from tests.serving_helpers import ServerProcess, copy_version, http, make_tf1_half_plus_two, write_warmup
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +196,76 @@ def test_labels_in_a_startup_config_and_config_file_polling(builds, tmp_path):
         assert grpc_predict(server.grpc_address, label="stable") == 4.0, "a bad config edit keeps the last good one"
 
 
+def _warmup_logs():
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    example = tf.train.Example(features=tf.train.Features(feature={"x": tf.train.Feature(
+        float_list=tf.train.FloatList(value=[2.0]))}))
+    predict = prediction_log_pb2.PredictionLog()
+    predict.predict_log.request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.array([1.0], np.float32)))
+    classify = prediction_log_pb2.PredictionLog()
+    classify.classify_log.request.model_spec.signature_name = "classify_x_to_y"
+    classify.classify_log.request.input.example_list.examples.append(example)
+    regress = prediction_log_pb2.PredictionLog()
+    regress.regress_log.request.model_spec.signature_name = "regress_x_to_y"
+    regress.regress_log.request.input.example_list.examples.append(example)
+    multi = prediction_log_pb2.PredictionLog()
+    for signature, method in (("classify_x_to_y", "tensorflow/serving/classify"),
+                              ("regress_x_to_y", "tensorflow/serving/regress")):
+        task = multi.multi_inference_log.request.tasks.add()
+        task.model_spec.name, task.model_spec.signature_name, task.method_name = "w", signature, method
+    multi.multi_inference_log.request.input.example_list.examples.append(example)
+    return {"predict": predict, "classify": classify, "regress": regress, "multi": multi,
+            "session_run": prediction_log_pb2.PredictionLog(session_run_log=prediction_log_pb2.SessionRunLog())}
+
+
+def test_warmup_rules(builds, tmp_path):
+    """Every request kind replays; too many records, another log kind, a failing request or a corrupt file
+    each keep that version out of service with TF Serving's code, while the good version serves."""
+    logs = _warmup_logs()
+    staged = {}
+    failing_predict = type(logs["predict"])()
+    failing_predict.CopyFrom(logs["predict"])
+    failing_predict.predict_log.request.inputs["nope"].CopyFrom(tf.make_tensor_proto(np.array([1.0], np.float32)))
+    for version, records in ((1, [logs["predict"], logs["classify"], logs["regress"], logs["multi"]]),
+                             (2, [logs["predict"]] * 1001), (3, [logs["session_run"]]), (4, [failing_predict]),
+                             (5, None)):
+        staged[version] = tmp_path / f"v{version}"
+        shutil.copytree(builds[2], staged[version])
+        if records is None:
+            (staged[version] / "assets.extra").mkdir()
+            (staged[version] / "assets.extra" / "tf_serving_warmup_requests").write_bytes(b"\x00 not a TFRecord file at all")
+        else:
+            write_warmup(staged[version], records)
+    base = tmp_path / "w"
+    copy_version(staged[1], base, 1)
+    config = tmp_path / "models.config"
+    config.write_text(f'model_config_list {{ config {{ name: "w" base_path: "{base}" model_platform: "tensorflow" '
+                      f'model_version_policy {{ all {{}} }} }} }}\n')
+    monitoring = tmp_path / "monitoring.config"
+    monitoring.write_text("prometheus_config { enable: true }\n")
+    with ServerProcess(f"--model_config_file={config}", "--file_system_poll_wait_seconds=1",
+                       f"--monitoring_config_file={monitoring}") as server:
+        metrics = http("GET", server.rest_url + "/monitoring/prometheus/metrics")[2]
+        assert re.search(r':tensorflow:serving:model_warmup_latency_count\{model_path="[^"]*/1",status="OK"\} 1', metrics)
+        for version in (2, 3, 4, 5):
+            copy_version(staged[version], base, version)
+        client = ServingClient(server.grpc_address)
+
+        def states():
+            return {s.version: s for s in client.model_status("w").model_version_status}
+
+        assert wait_for(lambda: all(v in states() and states()[v].state == END for v in (2, 3, 4, 5)), timeout=120)
+        codes = {v: states()[v].status.error_code for v in (2, 3, 4, 5)}
+        from tensorflow.core.protobuf import error_codes_pb2
+
+        assert codes == {2: error_codes_pb2.INVALID_ARGUMENT, 3: error_codes_pb2.UNIMPLEMENTED,
+                         4: error_codes_pb2.INVALID_ARGUMENT, 5: error_codes_pb2.DATA_LOSS}
+        assert "1000" in states()[2].status.error_message
+        body = json.loads(http("POST", server.rest_url + "/v1/models/w/versions/1:predict", {"instances": [2.0]})[2])
+        assert body == {"predictions": [3.0]}
+
+
 def test_batching_merges_concurrent_requests(builds, tmp_path):
     base = tmp_path / "m"
     copy_version(builds[2], base, 1)
@@ -217,6 +288,27 @@ def test_batching_merges_concurrent_requests(builds, tmp_path):
         assert results == {i: 0.5 * i + 2.0 for i in range(8)}
         metrics = http("GET", server.rest_url + "/monitoring/prometheus/metrics")[2]
         assert ":tensorflow:serving:batching_session:merged_batch_count" in metrics
+
+        # REST Predict goes through the same batcher, and merges with gRPC calls.
+        def merged():
+            text = http("GET", server.rest_url + "/monitoring/prometheus/metrics")[2]
+            found = re.search(r'merged_request_count\{model_name="m"\} (\d+)', text)
+            return int(found.group(1)) if found else 0
+
+        before = merged()
+
+        def rest_call(i):
+            results[("rest", i)] = rest_predict(server.rest_url, "m", {"instances": [float(i)]})["predictions"][0]
+
+        threads = [threading.Thread(target=rest_call, args=(i,)) for i in range(8)]
+        threads += [threading.Thread(target=call, args=(i + 10,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(results[("rest", i)] == 0.5 * i + 2.0 for i in range(8))
+        assert all(results[i + 10] == 0.5 * (i + 10) + 2.0 for i in range(4))
+        assert merged() - before >= 2
 
 
 def test_startup_fails_clearly_when_the_only_version_is_corrupt(tmp_path):
