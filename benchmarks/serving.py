@@ -1,26 +1,45 @@
-"""Serving benchmark: REST and gRPC predict against the pipeline's model, next to a direct in-process call.
+"""Serving benchmark: closed-loop gRPC and REST load on the pipeline's model, next to the in-process ceiling.
 
-For batch 1 and batch 64 it measures p50/p99 latency and throughput of
-  - a direct call of the SavedModel's serving_default signature (the floor),
-  - gRPC Predict through the embedded server,
-  - REST :predict through the embedded server,
-then counts failed requests while a new version is swapped in under load.
-Loopback only, bounded loops. Prints a table and writes JSON.
+In one run, on the SavedModel of a work directory's stable version (or any
+`--model_dir`), served by `python -m serving` on loopback the way `increc up`
+starts it (a models.config with the `stable` label):
+  - the in-process ceiling: the serving_default signature called directly
+    from 2 threads in a loop (calls/s), before the server starts;
+  - closed-loop load (benchmarks/serving_load.py, its own process): 1, 8,
+    32 and 128 clients for `--seconds` each, batch 1, on `stable`, over gRPC
+    and over REST: requests/s, p50/p99, failures, server CPU per request;
+  - a version swap and a rollback done the pipeline's way (new models.config,
+    then HandleReloadConfigRequest through ServingClient.apply_deployment)
+    under 32 clients, half gRPC and half REST, until at least
+    `--swap-requests` requests: failures, and which versions answered;
+  - server RSS after `--rss-baseline` requests and after `--rss-requests`;
+  - probes of requests that must not get a 5xx (deep nesting, huge numbers,
+    invalid UTF-8, odd paths) and a zero-padded version directory.
+Prints a table and each goal of the serving issue as met / NOT met against
+these figures; writes serving.json, serving.md and serving.png under
+benchmarks/results/. Client and server share the machine's cores, so figures
+depend on what else runs. Defaults take about 25 minutes on two cores (the
+1,000,000-request RSS check most of it).
 
-    python benchmarks/serving.py --work demo-work --out benchmarks/results/serving.json
+    python benchmarks/serving.py --work demo-work
+    python benchmarks/serving.py --model_dir DIR --seconds 5 --rss-requests 100000
+    python benchmarks/serving.py --work demo-work --server-flag=--enable_batching=false
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Dict, List, Optional
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -29,131 +48,402 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-from benchmarks.common import write_json  # noqa: E402
-from serving import model_config  # noqa: E402
-from serving.client import ServingClient, rest_predict  # noqa: E402
+from benchmarks.common import markdown_table, quiet_tensorflow, write_json  # noqa: E402
 
-
-def percentiles(seconds):
-    ms = sorted(s * 1000 for s in seconds)
-    return {"p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(len(ms) * 0.99))],
-            "requests": len(ms), "throughput_rps": len(ms) / sum(seconds)}
+MODEL = "increc"
+LABEL = "stable"
+GOALS = {"grpc_share": 0.60, "grpc_p99_ms": 10.0, "rest_share": 0.50, "swap_requests": 20_000, "rss_mb": 50.0}
 
 
-def timed(call, n):
-    call()  # warm
-    out = []
-    for _ in range(n):
+# --- the request ---
+
+def example_inputs(model_dir: str) -> Dict[str, np.ndarray]:
+    """One row of the version's warmup request (a real example); made-up values if it has none."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    warmup = os.path.join(model_dir, "assets.extra", "tf_serving_warmup_requests")
+    if os.path.exists(warmup):
+        for record in tf.data.TFRecordDataset(warmup).take(1):
+            log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+            if log.WhichOneof("log_type") == "predict_log":
+                return {k: tf.make_ndarray(v)[:1] for k, v in log.predict_log.request.inputs.items()}
+    signature = tf.saved_model.load(model_dir).signatures["serving_default"]
+    return {name: (np.array([b"1"], object) if spec.dtype == tf.string else np.ones([1], spec.dtype.as_numpy_dtype))
+            for name, spec in signature.structured_input_signature[1].items()}
+
+
+def request_files(inputs: Dict[str, np.ndarray], batch: int, scratch: Path):
+    """The batch as a serialized gRPC PredictRequest on `stable` and as a REST `instances` body."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    inputs = {k: np.repeat(v, batch, axis=0) for k, v in inputs.items()}
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.version_label = MODEL, LABEL
+    for name, value in inputs.items():
+        request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+
+    def plain(v):
+        if isinstance(v, bytes):
+            return v.decode()
+        return float(v)  # NaN stays NaN: JSON clients of TF Serving may send it literally
+
+    rows = [{k: plain(v[i]) for k, v in inputs.items()} for i in range(batch)]
+    (scratch / "request.pb").write_bytes(request.SerializeToString())
+    (scratch / "body.json").write_text(json.dumps({"instances": rows}))
+    return inputs, scratch / "request.pb", scratch / "body.json"
+
+
+# --- the in-process ceiling ---
+
+def ceiling(model_dir: str, inputs: Dict[str, np.ndarray], seconds: float, threads: int = 2) -> dict:
+    """calls/s of the signature called directly from `threads` threads in a loop (the same batch)."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(model_dir, tags=["serve"]).signatures["serving_default"]
+    tensors = {k: tf.constant(v) for k, v in inputs.items()}
+    for _ in range(20):
+        signature(**tensors)
+    single = []
+    for _ in range(200):
         started = time.perf_counter()
-        call()
-        out.append(time.perf_counter() - started)
+        signature(**tensors)
+        single.append(time.perf_counter() - started)
+    counts = [0] * threads
+    until = time.perf_counter() + seconds
+
+    def loop(i):
+        while time.perf_counter() < until:
+            signature(**tensors)
+            counts[i] += 1
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - started
+    return {"threads": threads, "calls_per_s": round(sum(counts) / elapsed, 1),
+            "single_call_p50_ms": round(float(np.median(single)) * 1000, 3)}
+
+
+# --- the server ---
+
+class Server:
+    """`python -m serving` over a models.config with labels, on free loopback ports."""
+
+    def __init__(self, scratch: Path, model_dir: str, extra_flags: List[str]):
+        import psutil
+
+        from serving import model_config
+        from serving.client import ServingClient
+
+        self.base = scratch / "models" / MODEL
+        self.base.mkdir(parents=True)
+        # TF Serving's own test models use zero-padded version directories; so does this one.
+        self.dirs = {1: self.base / "00000001", 2: self.base / "00000002"}
+        shutil.copytree(model_dir, self.dirs[1])
+        self.model_dir = model_dir
+        self.config_path = str(scratch / "models.config")
+        self.deployment = model_config.Deployment(MODEL, str(self.base), [1], {LABEL: 1})
+        model_config.write_config(self.config_path, model_config.build_config(self.deployment))
+        self.grpc_port, self.rest_port = free_port(), free_port()
+        # The flags `increc up` uses, plus the caller's.
+        flags = [f"--port={self.grpc_port}", f"--rest_api_port={self.rest_port}",
+                 f"--model_config_file={self.config_path}", "--model_config_file_poll_wait_seconds=5",
+                 "--file_system_poll_wait_seconds=5", "--allow_version_labels_for_unavailable_models=true",
+                 *extra_flags]
+        self.log = open(scratch / "server.log", "w")
+        self.process = subprocess.Popen([sys.executable, "-m", "serving", *flags], cwd=REPO, stdout=self.log,
+                                        stderr=subprocess.STDOUT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        self.client = ServingClient(self.grpc_address, timeout=30)
+        deadline = time.time() + 300
+        while not (self.client.is_reachable(0.5) and self.client.available_versions(MODEL)):
+            if time.time() > deadline or self.process.poll() is not None:
+                raise SystemExit(f"the server did not start; see {self.log.name}")
+        self.ps = psutil.Process(self.process.pid)
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def rest_address(self) -> str:
+        return f"127.0.0.1:{self.rest_port}"
+
+    def rss_mb(self) -> float:
+        return self.ps.memory_info().rss / 2 ** 20
+
+    def cpu_seconds(self) -> float:
+        times = self.ps.cpu_times()
+        return times.user + times.system
+
+    def deploy(self, versions: List[int], stable: int) -> None:
+        """What the pusher and `increc rollback` do: rewrite models.config, then reload in TF Serving's order."""
+        from serving import model_config
+
+        labels = {LABEL: stable}
+        if len(versions) > 1:
+            labels["previous"] = [v for v in versions if v != stable][0]
+        old = model_config.build_config(self.deployment)
+        self.deployment = model_config.Deployment(MODEL, str(self.base), versions, labels)
+        new = model_config.build_config(self.deployment)
+        model_config.write_config(self.config_path, new)
+        self.client.apply_deployment(new, current=old, wait_timeout=300)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(server: Server, files, api: str, clients: int, seconds: float = 0.0, min_requests: int = 0,
+         max_requests: int = 0, during=None) -> dict:
+    """One closed-loop run in its own process; `during()` runs under that load, then the run may end."""
+    command = [sys.executable, str(REPO / "benchmarks" / "serving_load.py"), "--api", api,
+               "--address", server.grpc_address, "--rest", server.rest_address,
+               "--path", f"/v1/models/{MODEL}/labels/{LABEL}:predict", "--request", str(files[0]),
+               "--body", str(files[1]), "--clients", str(clients), "--seconds", str(seconds),
+               "--min-requests", str(min_requests), "--max-requests", str(max_requests)]
+    if during is not None:
+        command.append("--wait-for-stop")
+    cpu_before = server.cpu_seconds()
+    worker = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    if during is not None:
+        worker.stdout.readline()  # the worker is connected and starts sending
+        time.sleep(2.0)
+        during()
+        worker.stdin.write("stop\n")
+        worker.stdin.flush()
+    out, _ = worker.communicate()
+    if worker.returncode != 0:
+        raise SystemExit(f"the load generator failed ({worker.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["server_cpu_ms_per_request"] = round((server.cpu_seconds() - cpu_before) * 1000 / max(1, result["ok"]), 3)
+    result.update(api=api, clients=clients)
+    return result
+
+
+# --- requests that must never get a 5xx ---
+
+PROBES = [
+    ("POST", f"/v1/models/{MODEL}:predict", b"[" * 10000),
+    ("POST", f"/v1/models/{MODEL}:predict", b'{"instances": ' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}"),
+    ("POST", f"/v1/models/{MODEL}:predict", b'{"instances": [1e999999, 123456789012345678901234567890]}'),
+    ("POST", f"/v1/models/{MODEL}:predict", b'{"instances": ["\xff\xfe\xc3"]}'),
+    ("POST", f"/v1/models/{MODEL}:predict", b'"just a string"'),
+    ("POST", f"/v1/models/{MODEL}:predict", b'{"inputs": {"user_id": [[["x"]], "y"]}}'),
+    ("POST", f"/v1/models/{MODEL}:predict", b'{"instances": [{"user_id": null}]}'),
+    ("POST", f"/v1/models/{MODEL}:regress", b'{"examples": [{"x": [[1]]}]}'),
+    ("POST", f"/v1/models/{MODEL}/versions/99999999999999999999999:predict", b'{"instances": [1]}'),
+    ("POST", f"/v1/models/%ff%fe/labels/%00:predict?x=1#y", b'{"instances": [1]}'),
+    ("GET", f"/v1/models/{MODEL}/versions/1/metadata?q=%zz", None),
+    ("GET", "/v1/models/" + "a" * 5000, None),
+    ("DELETE", f"/v1/models/{MODEL}", None),
+]
+
+
+def probe(server: Server) -> dict:
+    answers = []
+    for method, path, body in PROBES:
+        request = urllib.request.Request(f"http://{server.rest_address}{path}", data=body, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status = response.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except OSError as e:
+            status = f"{type(e).__name__}"
+        answers.append({"method": method, "path": path[:80], "status": status})
+    five_xx = [a for a in answers if not isinstance(a["status"], int) or a["status"] >= 500]
+    return {"probes": len(answers), "5xx_or_no_answer": five_xx, "answers": answers}
+
+
+# --- report ---
+
+def goals(results: dict) -> List[tuple]:
+    by = {(r["api"], r["clients"]): r for r in results["runs"]}
+    ceiling_rps = results["ceiling"]["calls_per_s"]
+    out = []
+    conformance = results.get("probes")
+    if conformance is not None:
+        loaded = results.get("zero_padded_version_loaded")
+        out.append(("Conformance probes: zero-padded version dir loads, no 5xx",
+                    f"loaded={loaded}, {len(conformance['5xx_or_no_answer'])} of {conformance['probes']} probes 5xx",
+                    bool(loaded) and not conformance["5xx_or_no_answer"]))
+    if ("grpc", 32) in by:
+        r = by[("grpc", 32)]
+        share = r["rps"] / ceiling_rps
+        out.append((f"gRPC batch-1 req/s at 32 clients >= {GOALS['grpc_share']:.0%} of the ceiling",
+                    f"{r['rps']:.0f} / {ceiling_rps:.0f} = {share:.0%}", share >= GOALS["grpc_share"]))
+        out.append((f"gRPC p99 at 32 clients <= {GOALS['grpc_p99_ms']:.0f} ms", f"{r['p99_ms']:.1f} ms",
+                    r["p99_ms"] <= GOALS["grpc_p99_ms"]))
+    if ("rest", 32) in by:
+        r = by[("rest", 32)]
+        share = r["rps"] / ceiling_rps
+        out.append((f"REST req/s at 32 clients >= {GOALS['rest_share']:.0%} of the ceiling",
+                    f"{r['rps']:.0f} / {ceiling_rps:.0f} = {share:.0%}", share >= GOALS["rest_share"]))
+    for phase in ("swap", "rollback"):
+        if phase in results:
+            r = results[phase]
+            out.append((f"0 failed of >= {GOALS['swap_requests']:,} requests during a {phase} (32 clients)",
+                        f"{r['failures']} failed of {r['requests']:,}; answers by version {r['versions']}",
+                        r["failures"] == 0 and r["requests"] >= GOALS["swap_requests"]))
+    if "rss" in results:
+        r = results["rss"]
+        out.append((f"RSS after {r['requests_end']:,} requests within {GOALS['rss_mb']:.0f} MB of after "
+                     f"{r['requests_start']:,}", f"{r['start_mb']:.0f} -> {r['end_mb']:.0f} MB "
+                     f"({r['growth_mb']:+.1f} MB)", r["growth_mb"] <= GOALS["rss_mb"]))
+    failures = sum(r["failures"] for r in results["runs"])
+    out.append(("No failed request in the throughput runs", f"{failures} failed", failures == 0))
     return out
 
 
-def batch_inputs(model_dir: str, batch: int):
-    signature = tf.saved_model.load(model_dir).signatures["serving_default"]
-    rng = np.random.default_rng(0)
-    inputs = {}
-    for name, spec in signature.structured_input_signature[1].items():
-        if spec.dtype == tf.string:
-            inputs[name] = np.array([str(rng.integers(1, 5000)).encode() for _ in range(batch)], dtype=object)
-        else:
-            inputs[name] = rng.normal(2000, 10, batch).astype(np.float32)
-    return signature, inputs
+def write_reports(results: dict, out_dir: Path) -> None:
+    write_json(str(out_dir / "serving.json"), results)
+    c = results["ceiling"]
+    rows = [[r["api"], r["clients"], f"{r['rps']:.0f}", f"{r['rps'] / c['calls_per_s']:.0%}", f"{r['p50_ms']:.2f}",
+             f"{r['p99_ms']:.2f}", r["failures"], f"{r['server_cpu_ms_per_request']:.3f}"] for r in results["runs"]]
+    text = [f"# Serving benchmark\n\n{results['conditions']}\n",
+            f"In-process ceiling ({c['threads']} threads calling serving_default, batch {results['batch']}): "
+            f"{c['calls_per_s']:.0f} calls/s; one call p50 {c['single_call_p50_ms']:.2f} ms.\n",
+            markdown_table(["API", "clients", "req/s", "of ceiling", "p50 ms", "p99 ms", "failed",
+                            "server CPU ms/req"], rows), "\n## Goals\n",
+            markdown_table(["goal", "figure", "met"], [[g, f, "met" if ok else "NOT met"] for g, f, ok in goals(results)])]
+    (out_dir / "serving.md").write_text("\n".join(text) + "\n")
+    print(f"written {out_dir / 'serving.md'}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for api in sorted({r["api"] for r in results["runs"]}):
+        runs = [r for r in results["runs"] if r["api"] == api]
+        left.plot([r["clients"] for r in runs], [r["rps"] for r in runs], marker="o", label=api)
+        right.plot([r["clients"] for r in runs], [r["p99_ms"] for r in runs], marker="o", label=api)
+    left.axhline(c["calls_per_s"], color="gray", linestyle="--", label="in-process ceiling")
+    right.axhline(GOALS["grpc_p99_ms"], color="gray", linestyle=":", label="p99 goal")
+    for axis, label in ((left, "requests/s"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent clients (closed loop, batch %d)" % results["batch"])
+        axis.set_ylabel(label)
+        axis.legend()
+        axis.grid(alpha=0.3)
+    right.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out_dir / "serving.png", dpi=110)
+    print(f"written {out_dir / 'serving.png'}")
 
 
-def rest_body(inputs):
-    names = list(inputs)
-    return {"instances": [{k: (inputs[k][i].decode() if isinstance(inputs[k][i], bytes) else float(inputs[k][i]))
-                           for k in names} for i in range(len(inputs[names[0]]))]}
+def model_dir_of(args) -> str:
+    if args.model_dir:
+        return args.model_dir
+    from serving import model_config
+
+    deployment = model_config.read_deployment(os.path.join(args.work, "serving", "models.config"), MODEL)
+    if deployment is None or deployment.stable is None:
+        raise SystemExit(f"{args.work}: no stable version deployed (run `increc backfill` first)")
+    return os.path.join(deployment.base_path, str(deployment.stable))
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", help="a work directory: benchmark its stable version")
     parser.add_argument("--model_dir", help="or a SavedModel version directory of the pipeline's model")
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "serving.json"))
-    args = parser.parse_args()
-    if args.model_dir:
-        model_dir = args.model_dir
-    elif args.work:
-        d = model_config.read_deployment(os.path.join(args.work, "serving", "models.config"), "increc")
-        model_dir = os.path.join(d.base_path, str(d.stable))
-    else:
+    parser.add_argument("--seconds", type=float, default=20.0, help="per load run and for the ceiling")
+    parser.add_argument("--clients", default="1,8,32,128", help="concurrent clients per run, comma-separated")
+    parser.add_argument("--apis", default="grpc,rest")
+    parser.add_argument("--batch", type=int, default=1, help="examples per request")
+    parser.add_argument("--swap-requests", type=int, default=GOALS["swap_requests"],
+                        help="requests under load around a swap and around a rollback (0: skip)")
+    parser.add_argument("--rss-requests", type=int, default=1_000_000, help="0: skip the RSS check")
+    parser.add_argument("--rss-baseline", type=int, default=10_000)
+    parser.add_argument("--server-flag", action="append", default=[],
+                        help="an extra server flag, e.g. --server-flag=--enable_batching=false")
+    parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    if not (args.work or args.model_dir):
         parser.error("give --work or --model_dir")
-
+    quiet_tensorflow()
+    model_dir = model_dir_of(args)
+    clients = [int(c) for c in args.clients.split(",") if c]
+    apis = [a for a in args.apis.split(",") if a]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="increc-serving-bench-"))
-    base = scratch / "m"
-    shutil.copytree(model_dir, base / "1")
-    grpc_port, rest_port = 18500, 18501
-    server = subprocess.Popen([sys.executable, "-m", "serving", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
-                               "--model_name=m", f"--model_base_path={base}", "--file_system_poll_wait_seconds=1"],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = ServingClient(f"127.0.0.1:{grpc_port}", timeout=30)
-    deadline = time.time() + 120
-    while not (client.is_reachable(0.5) and client.available_versions("m")):
-        if time.time() > deadline or server.poll() is not None:
-            raise SystemExit("server did not start")
-    results = {"model_dir": model_dir, "device": tf.config.list_logical_devices("GPU") and "GPU" or "CPU", "runs": []}
+    results = {"model_dir": model_dir, "batch": args.batch, "server_flags": args.server_flag,
+               "conditions": f"{os.cpu_count()} CPU cores shared by client and server, no GPU"
+                             f"{'' if not args.server_flag else '; server flags ' + ' '.join(args.server_flag)}; "
+                             f"load average at start {os.getloadavg()[0]:.2f}",
+               "runs": []}
+    inputs = example_inputs(model_dir)
+    inputs, *files = request_files(inputs, args.batch, scratch)
+    results["ceiling"] = ceiling(model_dir, inputs, args.seconds)
+    print(f"in-process ceiling: {results['ceiling']['calls_per_s']:.0f} calls/s from 2 threads "
+          f"(one call: p50 {results['ceiling']['single_call_p50_ms']:.2f} ms)", flush=True)
+    server = None
     try:
-        for batch in (1, 64):
-            signature, inputs = batch_inputs(model_dir, batch)
-            tensors = {k: tf.constant(v) for k, v in inputs.items()}
-            body = rest_body(inputs)
-            n = args.requests if batch == 1 else max(50, args.requests // 3)
-            for path, call in (
-                ("direct", lambda: signature(**tensors)),
-                ("grpc", lambda: client.predict("m", inputs)),
-                ("rest", lambda: rest_predict(f"http://127.0.0.1:{rest_port}", "m", body)),
-            ):
-                figures = percentiles(timed(call, n))
-                figures.update(path=path, batch=batch, examples_per_second=figures["throughput_rps"] * batch)
-                results["runs"].append(figures)
-                print(f"{path:>6} batch {batch:>2}: p50 {figures['p50_ms']:7.2f} ms  p99 {figures['p99_ms']:7.2f} ms  "
-                      f"{figures['throughput_rps']:8.1f} req/s  {figures['examples_per_second']:9.1f} examples/s")
+        server = Server(scratch, model_dir, args.server_flag)
+        results["zero_padded_version_loaded"] = server.client.available_versions(MODEL) == [1]
+        results["probes"] = probe(server)
+        load(server, files, "both", 8, seconds=2.0)  # warm both paths
+        for api in apis:
+            for n in clients:
+                r = load(server, files, api, n, seconds=args.seconds)
+                results["runs"].append(r)
+                print(f"{api:>5} {n:>4} clients: {r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms  "
+                      f"p99 {r['p99_ms']:7.2f} ms  failed {r['failures']}  server CPU "
+                      f"{r['server_cpu_ms_per_request']:.3f} ms/req", flush=True)
+        if args.swap_requests:
+            def swap():
+                shutil.copytree(model_dir, server.dirs[2].with_name(".incoming"))
+                os.rename(server.dirs[2].with_name(".incoming"), server.dirs[2])  # as the pusher publishes
+                server.deploy([2, 1], stable=2)
 
-        # Swap under load: two client threads while version 2 is copied in.
-        _, inputs = batch_inputs(model_dir, 1)
-        body = rest_body(inputs)
-        failures, answers, stop = [], [], threading.Event()
-
-        def hammer(kind):
-            c = ServingClient(f"127.0.0.1:{grpc_port}", timeout=30)
-            while not stop.is_set():
-                try:
-                    if kind == "grpc":
-                        c.predict("m", inputs)
-                    else:
-                        rest_predict(f"http://127.0.0.1:{rest_port}", "m", body)
-                    answers.append(kind)
-                except Exception as e:  # noqa: BLE001 - counted
-                    failures.append(repr(e))
-
-        threads = [threading.Thread(target=hammer, args=(k,)) for k in ("grpc", "rest")]
-        for t in threads:
-            t.start()
-        time.sleep(1)
-        shutil.copytree(model_dir, base / ".incoming")
-        os.rename(base / ".incoming", base / "2")
-        deadline = time.time() + 60
-        while 2 not in client.available_versions("m") or 1 in client.available_versions("m"):
-            if time.time() > deadline:
-                break
-            time.sleep(0.2)
-        time.sleep(1)
-        stop.set()
-        for t in threads:
-            t.join()
-        results["swap"] = {"requests": len(answers), "failed": len(failures), "errors": failures[:5]}
-        print(f"swap under load: {len(answers)} requests, {len(failures)} failed")
+            for phase, action in (("swap", swap), ("rollback", lambda: server.deploy([1], stable=1))):
+                r = load(server, files, "both", 32, min_requests=args.swap_requests, during=action)
+                results[phase] = r
+                print(f"{phase} under 32 clients: {r['requests']} requests, {r['failures']} failed, "
+                      f"gRPC answers by version {r['versions']}", flush=True)
+        if args.rss_requests:
+            load(server, files, "both", 32, max_requests=args.rss_baseline)
+            start = server.rss_mb()
+            started = time.time()
+            rest = load(server, files, "both", 32, max_requests=max(0, args.rss_requests - args.rss_baseline))
+            end = server.rss_mb()
+            results["rss"] = {"requests_start": args.rss_baseline, "requests_end": args.rss_requests,
+                              "start_mb": round(start, 1), "end_mb": round(end, 1),
+                              "growth_mb": round(end - start, 1), "failures": rest["failures"],
+                              "seconds": round(time.time() - started, 1)}
+            print(f"RSS: {start:.0f} MB after {args.rss_baseline:,} requests, {end:.0f} MB after "
+                  f"{args.rss_requests:,} ({rest['failures']} failed)", flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server is not None:
+            server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    write_json(args.out, results)
+    print("\nGoals (this run's figures):")
+    for goal, figure, ok in goals(results):
+        print(f"  {'met    ' if ok else 'NOT met'}  {goal}: {figure}")
+    write_reports(results, out_dir)
     return 0
 
 
