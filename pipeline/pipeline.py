@@ -1,6 +1,6 @@
 """create_pipeline(config, span): the TFX pipeline for one span.
 
-    SpanExampleGen -> StatisticsGen -> [SchemaGen -> SchemaCurator | ImportSchemaGen]
+    SpanExampleGen (examples + statistics) -> [SchemaGen -> SchemaCurator | ImportSchemaGen]
       -> ExampleValidator -> DeploymentGuard -> Transform -> Trainer -> Evaluator -> ServingPusher
 
 The first span infers and curates the schema; every later span is validated
@@ -76,11 +76,12 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
     if first_span is None:
         first_span = not os.path.exists(config.schema_path)
 
-    example_gen = SpanExampleGen(config.data_dir, span, config.eval_fraction, config.bad_row_budget)
-    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
-    nodes = [example_gen, statistics_gen]
+    example_gen = SpanExampleGen(config.data_dir, span, config.eval_fraction, config.bad_row_budget,
+                                 config.max_eval_rows)
+    statistics = example_gen.outputs["statistics"]  # TFDV statistics computed while the span was encoded
+    nodes = [example_gen]
     if first_span:
-        schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs["statistics"],
+        schema_gen = tfx.components.SchemaGen(statistics=statistics,
                                               infer_feature_shape=True)
         curator = SchemaCurator(schema=schema_gen.outputs["schema"], keep_path=config.schema_path)
         schema = curator.outputs["curated_schema"]
@@ -90,7 +91,7 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         schema = importer.outputs["schema"]
         nodes.append(importer)
 
-    validator = tfx.components.ExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
+    validator = tfx.components.ExampleValidator(statistics=statistics, schema=schema)
     guard = DeploymentGuard(examples=example_gen.outputs["examples"],
                             anomalies=validator.outputs["anomalies"],
                             schema=schema,
@@ -99,7 +100,7 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
                             serving_address=config.serving_address,
                             rollback_tolerance=config.rollback_tolerance)
     transform = tfx.components.Transform(
-        examples=example_gen.outputs["examples"],
+        examples=example_gen.outputs["examples_parquet"],
         schema=schema,
         preprocessing_fn="models.preprocessing.preprocessing_fn",
         materialize=False,

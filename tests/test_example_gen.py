@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from pathlib import Path
 
 import pytest
 import tensorflow as tf
 from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
-from tfx.proto import example_gen_pb2
 from tfx.types import standard_artifacts
-from tfx.types import standard_component_specs as S
-from tfx.utils import proto_utils
 
 from components import example_gen
 
@@ -53,16 +49,18 @@ def span_dir(tmp_path):
     return data
 
 
-def run_executor(data: Path, out: Path, budget: float = 0.05, range_bytes: int = 300, beam_args=None):
-    examples = standard_artifacts.Examples()
-    examples.uri = str(out)
-    config = example_gen_pb2.Input(splits=[example_gen_pb2.Input.Split(name="train", pattern="span-1/*.csv")])
-    properties = {S.INPUT_BASE_KEY: str(data), S.INPUT_CONFIG_KEY: proto_utils.proto_to_json(config),
-                  S.CUSTOM_CONFIG_KEY: json.dumps({"eval_fraction": 0.1, "bad_row_budget": budget,
-                                                   "range_bytes": range_bytes})}
+def run_executor(data, out, budget: float = 0.05, range_bytes: int = 300, beam_args=None,
+                 max_eval_rows: int = 50_000, span=1):
+    """Runs the executor as TFX would; returns the (examples, statistics) artifacts."""
+    examples, parquet = standard_artifacts.Examples(), standard_artifacts.Examples()
+    statistics = standard_artifacts.ExampleStatistics()
+    examples.uri, parquet.uri, statistics.uri = f"{out}/examples", f"{out}/parquet", f"{out}/statistics"
+    properties = {"data_dir": str(data), "span": span, "eval_fraction": 0.1, "bad_row_budget": budget,
+                  "range_bytes": range_bytes, "max_eval_rows": max_eval_rows}
     context = BaseBeamExecutor.Context(beam_pipeline_args=beam_args or ["--direct_running_mode=in_memory"],
-                                       tmp_dir=str(out.parent / "tmp"))
-    example_gen.Executor(context).Do({}, {"examples": [examples]}, properties)
+                                       tmp_dir=str(Path(str(out)).parent / "tmp") if "://" not in str(out) else None)
+    example_gen.Executor(context).Do({}, {"examples": [examples], "examples_parquet": [parquet],
+                                          "statistics": [statistics]}, properties)
     return examples
 
 
@@ -78,7 +76,7 @@ def _features(record: bytes) -> dict:
 
 
 def _split(out: Path, split: str):
-    files = sorted(str(p) for p in (out / f"Split-{split}").iterdir())
+    files = sorted(str(p) for p in (out / "examples" / f"Split-{split}").iterdir())
     return sorted((_features(r.numpy()) for r in tf.data.TFRecordDataset(files, compression_type="GZIP")),
                   key=_order)
 
@@ -125,9 +123,17 @@ def test_splits_equal_a_plain_read_joined_and_cut_by_time(span_dir, tmp_path, ra
     assert examples.get_int_custom_property("rows") == len(rows)
     assert examples.get_int_custom_property("bad_rows") == 3
     assert examples.get_int_custom_property("eval_rows") == len(evaluation)
-    report = json.loads((tmp_path / "out" / example_gen.BAD_ROWS_FILE).read_text())
+    report = json.loads((tmp_path / "out" / "examples" / example_gen.BAD_ROWS_FILE).read_text())
     assert [(Path(b["file"]).name, b["line"]) for b in report["bad_rows"]] == [("a.csv", 19), ("a.csv", 35),
                                                                                ("b.csv", 7)]
+
+
+def test_the_eval_split_is_capped_at_the_newest_max_eval_rows(span_dir, tmp_path):
+    _, _, rows = _reference(span_dir)
+    examples = run_executor(span_dir, tmp_path / "out", max_eval_rows=5)
+    newest = sorted(rows[-5:], key=lambda r: _order(r[1]))
+    assert _split(tmp_path / "out", "eval") == [f for _, f in newest]
+    assert examples.get_int_custom_property("train_rows") == len(rows) - 5
 
 
 def test_too_many_bad_rows_fail_before_anything_is_written(span_dir, tmp_path):
@@ -169,5 +175,46 @@ def test_the_multi_processing_runner_writes_the_same_splits(span_dir, tmp_path):
                  beam_args=["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     for split in ("train", "eval"):
         assert _split(tmp_path / "two", split) == _split(tmp_path / "one", split)
-    assert math.isclose(len(os.listdir(tmp_path / "two" / "Split-train")),
-                        len(os.listdir(tmp_path / "one" / "Split-train")))
+    assert len(os.listdir(tmp_path / "two" / "examples" / "Split-train")) == \
+        len(os.listdir(tmp_path / "one" / "examples" / "Split-train"))
+
+
+def test_spans_and_examples_on_a_remote_file_system(span_dir, tmp_path):
+    """Every read and write goes through TensorFlow's file systems: ram:// stands in for gs:// offline."""
+    remote = "ram://increc-test-data"
+    for path in span_dir.rglob("*.csv"):
+        target = f"{remote}/{path.relative_to(span_dir)}"
+        tf.io.gfile.makedirs(os.path.dirname(target))
+        tf.io.gfile.copy(str(path), target, overwrite=True)
+    run_executor(span_dir, tmp_path / "local")
+    run_executor(remote, "ram://increc-test-out", span=None)  # span None: the newest span
+    for split in ("train", "eval"):
+        files = tf.io.gfile.glob(f"ram://increc-test-out/examples/Split-{split}/*")
+        records = [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+        assert sorted((_features(r) for r in records), key=_order) == _split(tmp_path / "local", split)
+        assert tf.io.gfile.exists(f"ram://increc-test-out/statistics/Split-{split}/FeatureStats.pb")
+
+
+def test_statistics_are_what_tfdv_computes_from_the_written_examples(span_dir, tmp_path):
+    import tensorflow_data_validation as tfdv
+
+    run_executor(span_dir, tmp_path / "out")
+    for split in ("train", "eval"):
+        ours = tfdv.load_stats_binary(str(tmp_path / "out" / "statistics" / f"Split-{split}" / "FeatureStats.pb"))
+        files = sorted((tmp_path / "out" / "examples" / f"Split-{split}").iterdir())
+        theirs = tfdv.generate_statistics_from_tfrecord(data_location=[str(f) for f in files][0] if len(files) == 1
+                                                        else str(files[0].parent / "*"))
+        ours, theirs = ours.datasets[0], theirs.datasets[0]
+        assert ours.num_examples == theirs.num_examples > 0
+        by_name = lambda d: {f.path.step[0]: f for f in d.features}  # noqa: E731
+        assert by_name(ours).keys() == by_name(theirs).keys()
+        for name, feature in by_name(theirs).items():
+            mine = by_name(ours)[name]
+            assert mine.type == feature.type, name
+            if feature.HasField("num_stats"):
+                assert mine.num_stats.common_stats.num_non_missing == feature.num_stats.common_stats.num_non_missing
+                assert (mine.num_stats.min, mine.num_stats.max) == (feature.num_stats.min, feature.num_stats.max), name
+            else:
+                assert mine.string_stats.common_stats.num_non_missing == \
+                    feature.string_stats.common_stats.num_non_missing, name
+                assert mine.string_stats.unique == feature.string_stats.unique, name

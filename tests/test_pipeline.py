@@ -232,7 +232,7 @@ def test_kubeflow_spec_compiles_and_names_every_component(shared_run, tmp_path):
            "--output", str(out), "--image", "registry.example/increc:test")
     spec = json.loads(out.read_text())
     tasks = set(spec["pipelineSpec"]["root"]["dag"]["tasks"])
-    assert tasks == {"SpanExampleGen", "StatisticsGen", "ImportSchemaGen", "ExampleValidator", "DeploymentGuard",
+    assert tasks == {"SpanExampleGen", "ImportSchemaGen", "ExampleValidator", "DeploymentGuard",
                      "Transform", "Trainer", "Evaluator", "ServingPusher"}
     images = {e["container"]["image"] for e in spec["pipelineSpec"]["deploymentSpec"]["executors"].values()
               if "container" in e}
