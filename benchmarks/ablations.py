@@ -92,8 +92,7 @@ def replay(work_dir: str, settings: Dict[str, Any], mode: str, scratch: str,
     """Runs run_fn over every span of `work_dir` with `settings`; returns per-span figures."""
     from tfx.components.trainer.fn_args_utils import FnArgs
 
-    from components.deployment_guard import labels_of
-    from models.export import score_examples
+    from models.export import labels as labels_of, score_examples
     from models import trainer
     from models.metrics import auc
     from pipeline.config import IncrecConfig

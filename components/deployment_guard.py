@@ -34,11 +34,13 @@ from tfx.utils import io_utils
 
 from components import rollback
 from models import features as F
-from models.export import SCORE_BATCH, score_examples
+from models import export
+from models.records import iter_record_batches
 from models.metrics import auc
 from serving import model_config
 
 REPORT_FILE = "live_evaluation.json"
+LIVE_BATCH = 8192  # rows per scoring call (one gRPC Predict of ~1 MB when a server is up)
 
 
 class LiveEvaluation(types.Artifact):
@@ -68,17 +70,10 @@ def anomaly_messages(anomalies: types.Artifact) -> List[str]:
     return lines
 
 
-def read_examples(examples: types.Artifact) -> List[bytes]:
-    """Every split of an Examples artifact, serialized."""
-    from models.records import read_records
-
-    return read_records([os.path.join(artifact_utils.get_split_uri([examples], split), "*")
-                         for split in artifact_utils.decode_split_names(examples.split_names)])
-
-
-def labels_of(records: List[bytes]) -> np.ndarray:
-    return np.array([tf.train.Example.FromString(r).features.feature[F.LABEL].int64_list.value[0]
-                     for r in records], dtype=np.int64)
+def example_patterns(examples: types.Artifact) -> List[str]:
+    """File patterns of every split of an Examples artifact."""
+    return [os.path.join(artifact_utils.get_split_uri([examples], split), "*")
+            for split in artifact_utils.decode_split_names(examples.split_names)]
 
 
 def version_dir(base_path: str, version: Optional[int]) -> Optional[str]:
@@ -88,31 +83,44 @@ def version_dir(base_path: str, version: Optional[int]) -> Optional[str]:
     return path if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")) else None
 
 
-def score_through_server(client, model_name: str, label: str, records: List[bytes], categorical, numeric) -> np.ndarray:
+def server_scorer(client, model_name: str, label: str, categorical, numeric):
     """Click probabilities from gRPC Predict on a version label, with the raw features a client sends."""
-    from models.export import serving_inputs
-
-    scores = []
-    for i in range(0, len(records), SCORE_BATCH):
-        inputs = serving_inputs(records[i:i + SCORE_BATCH], categorical, numeric)
-        scores.append(client.predict(model_name, inputs, label=label)["probability"])
-    return np.concatenate(scores) if scores else np.zeros([0])
+    def score(records: List[bytes]) -> np.ndarray:
+        inputs = export.serving_inputs(records, categorical, numeric)
+        return np.asarray(client.predict(model_name, inputs, label=label)["probability"]).ravel()
+    return score
 
 
-def live_aucs(deployment: model_config.Deployment, records: List[bytes], client=None, categorical=(),
+def saved_model_scorer(path: str):
+    regress = tf.saved_model.load(path).signatures["regress"]
+    return lambda records: regress(inputs=tf.constant(records))["outputs"].numpy().ravel()
+
+
+def live_aucs(deployment: model_config.Deployment, patterns: List[str], client=None, categorical=(),
               numeric=()) -> Dict[str, Optional[float]]:
-    labels = labels_of(records)
-    out = {"measured_by": "server" if client is not None else "saved_model"}
+    """AUC of the stable and previous versions on the span, scored batch by batch as the records stream past.
+
+    Only labels and scores (numbers) are kept, never the span's examples.
+    """
+    out: Dict[str, Optional[float]] = {"measured_by": "server" if client is not None else "saved_model"}
+    scorers = {}
     for name, label, version in (("live_auc", model_config.STABLE, deployment.stable),
                                  ("previous_auc", model_config.PREVIOUS, deployment.previous)):
         path = version_dir(deployment.base_path, version)
-        if path is None:
-            out[name] = None
-        elif client is not None:
-            out[name] = auc(labels, score_through_server(client, deployment.model_name, label, records,
-                                                         categorical, numeric))
-        else:
-            out[name] = auc(labels, score_examples(path, records))
+        out[name] = None
+        if path is not None:
+            scorers[name] = (server_scorer(client, deployment.model_name, label, categorical, numeric)
+                             if client is not None else saved_model_scorer(path))
+    labels, scores = [], {name: [] for name in scorers}
+    rows = 0
+    for batch in iter_record_batches(patterns, LIVE_BATCH):
+        labels.append(export.labels(batch).astype(np.int8))
+        for name, score in scorers.items():
+            scores[name].append(score(batch).astype(np.float32))
+        rows += len(batch)
+    for name in scorers:
+        out[name] = auc(np.concatenate(labels), np.concatenate(scores[name])) if labels else None
+    out["examples"] = rows
     return out
 
 
@@ -140,15 +148,14 @@ def guard(examples, anomalies, schema_path: str, models_config_path: str, model_
               "previous_auc": None, "examples": 0, "rolled_back": False}
     if deployment is None or deployment.stable is None:
         return report
-    records = read_examples(examples)
     categorical, numeric = F.split_columns(tfdv.load_schema_text(schema_path))
     client = reachable_client(serving_address) if serving_address else None
     try:
-        report.update(live_aucs(deployment, records, client, categorical, numeric))
+        report.update(live_aucs(deployment, example_patterns(examples), client, categorical, numeric))
     finally:
         if client is not None:
             client.close()
-    report.update(serving_version=deployment.stable, previous_version=deployment.previous, examples=len(records))
+    report.update(serving_version=deployment.stable, previous_version=deployment.previous)
     live, previous = report["live_auc"], report["previous_auc"]
     if live is not None and previous is not None and live < previous - rollback_tolerance:
         done = rollback.roll_back(models_config_path, model_name, serving_address, reason="live AUC regressed",

@@ -108,20 +108,25 @@ def score_examples(saved_model_dir: str, records: List[bytes]) -> np.ndarray:
     return np.concatenate(scores) if scores else np.zeros([0], np.float32)
 
 
+def labels(examples: List[bytes]) -> np.ndarray:
+    """The 0/1 label of each serialized tf.Example."""
+    parsed = tf.io.parse_example(tf.constant(examples, tf.string), {F.LABEL: tf.io.FixedLenFeature([], tf.int64)})
+    return parsed[F.LABEL].numpy()
+
+
 def serving_inputs(examples: List[bytes], categorical: List[str], numeric: List[str]) -> Dict[str, np.ndarray]:
     """serving_default inputs (numpy) for serialized tf.Examples: what a client would send."""
-    out = {f: [] for f in list(F.ID_FEATURES) + list(categorical) + list(numeric)}
-    for serialized in examples:
-        example = tf.train.Example.FromString(serialized)
-        feature = example.features.feature
-        for f in F.ID_FEATURES:
-            out[f].append(feature[f].bytes_list.value[0])
-        for f in categorical:
-            out[f].append(F.MULTI_VALUE_SEPARATOR.encode().join(feature[f].bytes_list.value) if f in feature else b"")
-        for f in numeric:
-            values = feature[f].float_list.value if f in feature else []
-            out[f].append(values[0] if values else np.nan)
-    return {f: np.array(v, dtype=np.float32 if f in numeric else object) for f, v in out.items()}
+    spec = {f: tf.io.FixedLenFeature([], tf.string) for f in F.ID_FEATURES}
+    spec.update({f: tf.io.RaggedFeature(tf.string) for f in categorical})
+    spec.update({f: tf.io.RaggedFeature(tf.float32) for f in numeric})
+    parsed = tf.io.parse_example(tf.constant(examples, tf.string), spec)
+    out = {f: parsed[f].numpy() for f in F.ID_FEATURES}
+    for f in categorical:
+        out[f] = tf.strings.reduce_join(parsed[f], axis=1, separator=F.MULTI_VALUE_SEPARATOR).numpy()
+    for f in numeric:
+        # The first value; NaN is how a missing number is sent.
+        out[f] = parsed[f].to_tensor(default_value=np.nan, shape=[None, 1]).numpy()[:, 0].astype(np.float32)
+    return out
 
 
 def write_warmup(saved_model_dir: str, examples: List[bytes], categorical: List[str], numeric: List[str]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List
+from typing import Iterable, List
 
 import numpy as np
 import tensorflow as tf
@@ -48,19 +48,25 @@ class Reservoir:
         rng = np.random.default_rng(seed)
         return [self.examples[i] for i in rng.choice(len(self.examples), size=n, replace=False)]
 
-    def absorb(self, source: str, examples: List[bytes]) -> bool:
-        """Adds one source's examples (Algorithm R) and saves; False when it was already absorbed."""
+    def absorb(self, source: str, batches: Iterable[List[bytes]]) -> bool:
+        """Adds one source's examples, given in batches (Algorithm R), and saves; False when already absorbed.
+
+        Only the reservoir is held: each batch is drawn against vectorised and dropped.
+        """
         if source in self.sources:
             return False
         rng = np.random.default_rng([self.seed, self.seen])
-        for example in examples:
-            self.seen += 1
-            if len(self.examples) < self.capacity:
-                self.examples.append(example)
-            else:
-                j = int(rng.integers(0, self.seen))
-                if j < self.capacity:
-                    self.examples[j] = example
+        for batch in batches:
+            room = max(0, self.capacity - len(self.examples))
+            self.examples.extend(batch[:room])
+            rest = batch[room:]
+            if rest:
+                # The k-th example ever seen replaces a random slot with probability capacity / k.
+                seen = self.seen + room + np.arange(1, len(rest) + 1)
+                slots = rng.integers(0, seen)
+                for i in np.flatnonzero(slots < self.capacity):
+                    self.examples[slots[i]] = rest[i]
+            self.seen += len(batch)
         self.sources.append(source)
         self._save()
         return True

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
@@ -23,7 +23,7 @@ from tensorflow_metadata.proto.v0 import schema_pb2  # noqa: E402
 
 from models import export, features as F, ranking_model, replay, warm_start  # noqa: E402
 from models.metrics import auc  # noqa: E402
-from models.records import read_records  # noqa: E402
+from models.records import count_records, iter_record_batches, record_dataset  # noqa: E402
 from models.preprocessing import vocabulary_assets  # noqa: E402
 
 SUMMARY_FILE = "training_summary.json"
@@ -48,41 +48,73 @@ def model_spec(schema_path: str, transform_output_dir: str, config) -> ranking_m
         ignored_features=list(config.get("ignored_features", [])))
 
 
-TRANSFORM_BATCH = 8192
+TRANSFORM_BATCH = 8192  # records per Transform-layer call: below a few thousand, per-call overhead dominates
+SHUFFLE_BUFFER = 100_000  # serialized records held for shuffling (~20 MB); a 10k-row span is shuffled whole
 
 
-def transform_examples(examples: List[bytes], tft_layer, raw_spec) -> Dict[str, Any]:
-    """The Transform layer applied once to every example, in large batches.
+def make_dataset(patterns: List[str], tft_layer, raw_spec, batch_size: int, shuffle_seed=None,
+                 replayed: Sequence[bytes] = (), flip_labels: bool = False, teacher=None,
+                 distillation_weight: float = 0.0) -> tf.data.Dataset:
+    """Batches of (transformed features, label) streamed from the TFRecord files, never the whole span in memory.
 
-    Far cheaper than mapping it over each training batch in tf.data, whose
-    tracing and per-batch work cost more than training on a 10k-row span.
+    Records are shuffled as bytes, transformed TRANSFORM_BATCH at a time (one
+    Transform-layer call per chunk, far cheaper than one per training batch),
+    then cut into training batches. Replayed examples of earlier spans are
+    mixed in at random; with a teacher, the features carry the soft target too.
     """
-    chunks = [tft_layer(tf.io.parse_example(tf.constant(examples[i:i + TRANSFORM_BATCH], tf.string), raw_spec))
-              for i in range(0, len(examples), TRANSFORM_BATCH)]
-    out = {}
-    for name in chunks[0]:
-        parts = [chunk[name] for chunk in chunks]
-        if isinstance(parts[0], tf.SparseTensor):
-            out[name] = tf.sparse.concat(0, parts, expand_nonconcat_dims=True) if len(parts) > 1 else parts[0]
-        else:
-            out[name] = tf.concat(parts, 0)
-    return out
-
-
-def make_dataset(examples: List[bytes], tft_layer, raw_spec, batch_size: int, shuffle_seed=None,
-                 flip_labels: bool = False, teacher=None, distillation_weight: float = 0.0) -> tf.data.Dataset:
-    """Batches of (transformed features, label); with a teacher, the features carry the soft target too."""
-    features = transform_examples(examples, tft_layer, raw_spec)
-    label = tf.reshape(features.pop(F.LABEL), [-1])
-    if flip_labels:
-        label = 1 - label
-    if teacher is not None:
-        features[ranking_model.TARGET] = ((1.0 - distillation_weight) * tf.cast(label, tf.float32)
-                                          + distillation_weight * tf.constant(teacher, tf.float32))
-    ds = tf.data.Dataset.from_tensor_slices((features, label))
+    records = record_dataset(patterns)
+    if len(replayed):
+        spans = count_records(patterns)
+        replay = tf.data.Dataset.from_tensor_slices(tf.constant(list(replayed), tf.string))
+        records = tf.data.Dataset.sample_from_datasets(
+            [records, replay], weights=[spans / (spans + len(replayed)), len(replayed) / (spans + len(replayed))],
+            seed=shuffle_seed)
     if shuffle_seed is not None:
-        ds = ds.shuffle(len(examples), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(2)
+        records = records.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
+
+    def transform(serialized):
+        features = tft_layer(tf.io.parse_example(serialized, raw_spec))
+        label = tf.reshape(features.pop(F.LABEL), [-1])
+        if flip_labels:
+            label = 1 - label
+        if teacher is not None:
+            soft = tf.reshape(teacher(inputs=serialized)["outputs"], [-1])
+            features[ranking_model.TARGET] = ((1.0 - distillation_weight) * tf.cast(label, tf.float32)
+                                              + distillation_weight * soft)
+        return features, label
+
+    chunks = records.batch(TRANSFORM_BATCH).map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    if batch_size < TRANSFORM_BATCH:
+        chunks = chunks.flat_map(_split_into(batch_size))
+    return chunks.prefetch(tf.data.AUTOTUNE)
+
+
+def training_batch_size(examples: int, batch_size: int, max_steps_per_epoch: int) -> int:
+    """batch_size, or larger when an epoch would otherwise take more than max_steps_per_epoch steps."""
+    if max_steps_per_epoch <= 0:
+        return batch_size
+    return max(batch_size, -(-examples // max_steps_per_epoch))
+
+
+def _split_into(batch_size: int):
+    """flat_map function: a transformed chunk as consecutive batches of batch_size rows.
+
+    Sparse features are sliced through their ragged form, whose row splits make
+    a slice cost its own rows, not the whole chunk's.
+    """
+    def split(features, label):
+        rows = tf.shape(label, out_type=tf.int64)[0]
+        ragged = {k: tf.RaggedTensor.from_sparse(v) for k, v in features.items() if isinstance(v, tf.SparseTensor)}
+
+        def piece(i):
+            start = i * batch_size
+            end = tf.minimum(start + batch_size, rows)
+            out = {k: v[start:end] for k, v in features.items() if k not in ragged}
+            out.update({k: v[start:end].to_sparse() for k, v in ragged.items()})
+            return out, label[start:end]
+
+        return tf.data.Dataset.range((rows + batch_size - 1) // batch_size).map(piece)
+    return split
 
 
 def _scores(logits: List[Any], labels: List[Any]) -> Dict[str, float]:
@@ -163,28 +195,45 @@ def write_curves(log_dir: str, per_epoch: Dict[str, List[float]], validation: Di
                 tf.summary.scalar(f"epoch_{name}", value, step=last)
 
 
+class _Phases:
+    """Seconds spent in each phase of run_fn, for the training summary."""
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+        self._last = time.time()
+
+    def done(self, phase: str) -> None:
+        now = time.time()
+        self.seconds[phase] = round(self.seconds.get(phase, 0.0) + now - self._last, 3)
+        self._last = now
+
+
 def run_fn(fn_args: FnArgs) -> None:
     config = fn_args.custom_config
     started = time.time()
+    phases = _Phases()
     tf.keras.utils.set_random_seed(int(config["seed"]))
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     raw_spec = tf_transform_output.raw_feature_spec()
     tft_layer = tf_transform_output.transform_features_layer()
     spec = model_spec(fn_args.schema_path, fn_args.transform_output, config)
 
-    train = read_records(fn_args.train_files)
-    evaluation = read_records(fn_args.eval_files)
-    if not train:
+    span_examples = count_records(fn_args.train_files)
+    if not span_examples:
         raise ValueError(f"no training examples in {fn_args.train_files}")
+    has_eval = count_records(fn_args.eval_files) > 0
+    phases.done("count")
 
     reservoir = None
     replayed: List[bytes] = []
     if config["mode"] == "incremental" and float(config["replay_fraction"]) > 0:
         reservoir = replay.Reservoir(config["replay_dir"], int(config["replay_capacity"]), int(config["seed"]))
-        replayed = reservoir.sample(round(float(config["replay_fraction"]) * len(train)), seed=len(reservoir) + len(train))
+        replayed = reservoir.sample(round(float(config["replay_fraction"]) * span_examples),
+                                    seed=len(reservoir) + span_examples)
+    phases.done("replay_sample")
 
     model = ranking_model.build(spec, float(config["learning_rate"]), config["optimizer"])
-    model(next(iter(make_dataset(train[:2], tft_layer, raw_spec, 2)))[0])  # create the weights
+    model(next(iter(make_dataset(fn_args.train_files, tft_layer, raw_spec, 2)))[0])  # create the weights
 
     base = fn_args.base_model if config["mode"] == "incremental" else None
     warm_report = {}
@@ -194,37 +243,48 @@ def run_fn(fn_args: FnArgs) -> None:
         warm_report = warm_start.copy_into(ranking_model.weights_by_name(model), warm_start.load_weights(base))
         logging.info("warm start from %s: %s", base, warm_report)
         if distillation_weight > 0:
-            teacher = export.score_examples(base, train + replayed)
+            teacher = tf.saved_model.load(base).signatures["regress"]
     elif base:
         logging.info("no serving model at %s: training from scratch", base)
+    phases.done("build_and_warm_start")
 
     run_name = f"span-{config['span']}" if config.get("span") is not None else os.path.basename(fn_args.model_run_dir)
     log_dir = os.path.join(config["tensorboard_dir"], "train", f"{run_name}-{int(started)}")
-    train_ds = make_dataset(train + replayed, tft_layer, raw_spec, int(config["batch_size"]),
-                            shuffle_seed=int(config["seed"]), flip_labels=bool(config.get("flip_train_labels")),
+    batch_size = training_batch_size(span_examples + len(replayed), int(config["batch_size"]),
+                                     int(config.get("max_steps_per_epoch", 0)))
+    train_ds = make_dataset(fn_args.train_files, tft_layer, raw_spec, batch_size,
+                            shuffle_seed=int(config["seed"]), replayed=replayed,
+                            flip_labels=bool(config.get("flip_train_labels")),
                             teacher=teacher, distillation_weight=distillation_weight)
-    eval_ds = make_dataset(evaluation, tft_layer, raw_spec, TRANSFORM_BATCH) if evaluation else None
+    eval_ds = make_dataset(fn_args.eval_files, tft_layer, raw_spec, TRANSFORM_BATCH) if has_eval else None
     fit_started = time.time()
     history = fit(model, train_ds, int(config["epochs"]))
     train_seconds = time.time() - fit_started
+    phases.done("fit")
     # Validation and curves come after training, outside the measured train seconds.
     validation = validate(model, eval_ds) if eval_ds is not None else {}
     write_curves(log_dir, history, validation)
+    phases.done("validate")
 
     categorical, numeric = spec.categorical, spec.numeric
     module = export.ExportModule(model, tft_layer, raw_spec, categorical, numeric)
     tf.saved_model.save(module, fn_args.serving_model_dir, signatures=module.signatures())
-    export.write_warmup(fn_args.serving_model_dir, evaluation or train, categorical, numeric)
+    warmup = next(iter_record_batches(fn_args.eval_files if has_eval else fn_args.train_files, export.WARMUP_EXAMPLES))
+    export.write_warmup(fn_args.serving_model_dir, warmup, categorical, numeric)
+    phases.done("export")
 
     if reservoir is not None or config["mode"] == "incremental":
         reservoir = reservoir or replay.Reservoir(config["replay_dir"], int(config["replay_capacity"]), int(config["seed"]))
-        reservoir.absorb(";".join(sorted(fn_args.train_files)), train)
+        reservoir.absorb(";".join(sorted(fn_args.train_files)), iter_record_batches(fn_args.train_files))
+    phases.done("replay_absorb")
 
     summary = {
-        "examples_trained": len(train) + len(replayed),
-        "span_examples": len(train),
+        "examples_trained": span_examples + len(replayed),
+        "span_examples": span_examples,
         "replayed_examples": len(replayed),
         "train_seconds": train_seconds,
+        "batch_size": batch_size,
+        "phase_seconds": phases.seconds,
         "warm_started_from": base if warm_report else None,
         "warm_start": warm_report,
         "distilled": teacher is not None,

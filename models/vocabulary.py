@@ -13,6 +13,7 @@ so known indices never move when the vocabulary grows.
 """
 from __future__ import annotations
 
+import collections
 import os
 import uuid
 from typing import List, Tuple
@@ -75,11 +76,31 @@ class AppendOnlyVocabulary(tft_beam.experimental.PTransformAnalyzer):
             write_atomically(store_path, merged)
             return np.array(asset_path.encode("utf-8"), dtype=object)
 
+        # Counted per batch, then merged: one Beam element per value would cost more than the rest of Transform.
         return (pcoll
-                | "Values" >> beam.FlatMap(lambda batch: batch[0].tolist())
-                | "Count" >> beam.combiners.Count.PerElement()
-                | "All" >> beam.combiners.ToList()
-                | "Merge" >> beam.Map(write))
+                | "CountBatch" >> beam.Map(lambda batch: collections.Counter(batch[0].tolist()))
+                | "CountAll" >> beam.CombineGlobally(_SumCounters())
+                | "Merge" >> beam.Map(lambda counts: write(list(counts.items()))))
+
+
+class _SumCounters(beam.CombineFn):
+    """Value counts merged in place: the accumulator holds one entry per distinct value, never the rows."""
+
+    def create_accumulator(self):
+        return collections.Counter()
+
+    def add_input(self, accumulator, counts):
+        accumulator.update(counts)
+        return accumulator
+
+    def merge_accumulators(self, accumulators):
+        merged = collections.Counter()
+        for counts in accumulators:
+            merged.update(counts)
+        return merged
+
+    def extract_output(self, accumulator):
+        return accumulator
 
 
 class PreviousVocabularySize(beam.PTransform):

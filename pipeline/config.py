@@ -14,6 +14,16 @@ from typing import Any, Dict, List, Optional
 MODES = ("incremental", "full")
 
 
+def is_remote(path: str) -> bool:
+    """A file-system URL (gs://, s3://, hdfs://, ...) rather than a local path."""
+    return "://" in path
+
+
+def resolve_path(path: str) -> str:
+    """Local paths become absolute; URLs stay as they are (abspath would turn gs://b into <cwd>/gs:/b)."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
 @dataclasses.dataclass
 class IncrecConfig:
     data_dir: str
@@ -23,7 +33,8 @@ class IncrecConfig:
 
     # Ingestion (Beam ExampleGen)
     bad_row_budget: float = 0.001  # fraction of a span's rows that may be dropped as malformed
-    eval_fraction: float = 0.1  # the last fraction of a span, by time, is its eval split
+    eval_fraction: float = 0.1  # the last fraction of a span, by time, is its eval split...
+    max_eval_rows: int = 50_000  # ...up to this many rows, so evaluation does not grow with the span
 
     # Model and training
     embedding_dim: int = 32
@@ -39,6 +50,9 @@ class IncrecConfig:
     learning_rate: float = 0.1
     optimizer: str = "adagrad"
     batch_size: int = 256
+    # Large spans train in larger batches so an epoch takes at most this many steps: a step's cost is
+    # mostly fixed (op dispatch), so 1M rows at 256 a batch cost ~4x what they cost at 1000 (0: no cap).
+    max_steps_per_epoch: int = 1000
     epochs: int = 2
     replay_fraction: float = 0.2  # replay sample size, as a fraction of span N's training rows
     replay_capacity: int = 50_000  # reservoir size (examples kept from earlier spans)
@@ -58,6 +72,10 @@ class IncrecConfig:
     # Fault injection for tests of the gates: train on flipped labels.
     flip_train_labels: bool = False
 
+    # ML Metadata for the local runner: a sqlite file, WORK/metadata.sqlite by default. sqlite needs a
+    # local file, so a work directory on a remote file system (gs://...) needs a local path here.
+    metadata: Optional[str] = None
+
     # Beam: the in-process DirectRunner by default; any Beam pipeline args
     # (multi-processing DirectRunner, Dataflow, Flink, Spark) replace it.
     beam_args: Optional[List[str]] = None
@@ -73,8 +91,8 @@ class IncrecConfig:
             raise ValueError("replay_fraction must be >= 0")
         if not 0 <= self.distillation_weight < 1:
             raise ValueError("distillation_weight must be in [0, 1)")
-        self.data_dir = os.path.abspath(self.data_dir)
-        self.work_dir = os.path.abspath(self.work_dir)
+        self.data_dir = resolve_path(self.data_dir)
+        self.work_dir = resolve_path(self.work_dir)
 
     # --- the work directory layout (DESIGN.md) ---
     @property
@@ -83,7 +101,7 @@ class IncrecConfig:
 
     @property
     def metadata_path(self) -> str:
-        return os.path.join(self.work_dir, "metadata.sqlite")
+        return resolve_path(self.metadata) if self.metadata else os.path.join(self.work_dir, "metadata.sqlite")
 
     @property
     def serving_dir(self) -> str:
@@ -147,6 +165,7 @@ class IncrecConfig:
             "learning_rate": self.learning_rate,
             "optimizer": self.optimizer,
             "batch_size": self.batch_size,
+            "max_steps_per_epoch": self.max_steps_per_epoch,
             "epochs": self.epochs,
             "mode": self.mode,
             "replay_fraction": self.replay_fraction,

@@ -50,17 +50,21 @@ def test_ignored_features_do_not_reach_the_model():
     assert ids_only.categorical == [] and ids_only.numeric == []
 
 
-def test_distillation_trains_against_the_label_blended_with_the_teacher():
+def test_distillation_trains_against_the_label_blended_with_the_teacher(tmp_path):
     raw_spec = {F.LABEL: tf.io.FixedLenFeature([1], tf.int64), "x": tf.io.FixedLenFeature([1], tf.float32)}
-    examples = [tf.train.Example(features=tf.train.Features(feature={
-        F.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-        "x": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0]))})).SerializeToString() for label in (1, 0)]
+    path = str(tmp_path / "examples.gz")
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for label, x in ((1, 0.2), (0, 0.6)):
+            writer.write(tf.train.Example(features=tf.train.Features(feature={
+                F.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                "x": tf.train.Feature(float_list=tf.train.FloatList(value=[x]))})).SerializeToString())
     layer = lambda parsed: {F.LABEL: tf.reshape(parsed[F.LABEL], [-1]), "x": parsed["x"]}  # noqa: E731
-    features, labels = next(iter(make_dataset(examples, layer, raw_spec, 2, teacher=[0.2, 0.6],
-                                              distillation_weight=0.25)))
+    # The teacher reads its probability from the example itself: 0.2 for the first, 0.6 for the second.
+    teacher = lambda inputs: {"outputs": tf.io.parse_example(inputs, raw_spec)["x"]}  # noqa: E731
+    features, labels = next(iter(make_dataset([path], layer, raw_spec, 2, teacher=teacher, distillation_weight=0.25)))
     np.testing.assert_allclose(features[ranking_model.TARGET].numpy(), [0.75 * 1 + 0.25 * 0.2, 0.25 * 0.6])
     np.testing.assert_array_equal(labels.numpy(), [1, 0])
-    plain, _ = next(iter(make_dataset(examples, layer, raw_spec, 2)))
+    plain, _ = next(iter(make_dataset([path], layer, raw_spec, 2)))
     assert ranking_model.TARGET not in plain
 
     model = ranking_model.build(spec(), 0.1)
@@ -161,3 +165,38 @@ def test_warm_start_reads_exported_weights_by_name_and_refuses_other_models(tmp_
     (tmp_path / "broken" / "variables" / "variables.index").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="broken: cannot read its variables"):
         warm_start.load_weights(str(tmp_path / "broken"))
+
+
+def test_the_training_stream_yields_every_record_once_per_epoch_with_the_replay_mixed_in(tmp_path, monkeypatch):
+    from models import trainer
+
+    monkeypatch.setattr(trainer, "TRANSFORM_BATCH", 16)  # several chunks, each cut into batches
+    raw_spec = {F.LABEL: tf.io.FixedLenFeature([1], tf.int64), "id": tf.io.FixedLenFeature([1], tf.int64),
+                "tags": tf.io.VarLenFeature(tf.int64)}
+
+    def example(i: int) -> bytes:
+        return tf.train.Example(features=tf.train.Features(feature={
+            F.LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[i % 2])),
+            "id": tf.train.Feature(int64_list=tf.train.Int64List(value=[i])),
+            "tags": tf.train.Feature(int64_list=tf.train.Int64List(value=list(range(i, i + i % 4))))})).SerializeToString()
+
+    paths = []
+    for part in range(3):
+        paths.append(str(tmp_path / f"part-{part}.gz"))
+        with tf.io.TFRecordWriter(paths[-1], options="GZIP") as writer:
+            for i in range(part * 30, part * 30 + 30):
+                writer.write(example(i))
+    layer = lambda parsed: {F.LABEL: tf.reshape(parsed[F.LABEL], [-1]), "id": tf.reshape(parsed["id"], [-1]),  # noqa: E731
+                            "tags": parsed["tags"]}
+    replayed = [example(i) for i in range(1000, 1012)]
+    dataset = make_dataset(paths, layer, raw_spec, 7, shuffle_seed=3, replayed=replayed)
+    for _ in range(2):  # two epochs, reshuffled
+        seen = []
+        for features, labels in dataset:
+            assert len(labels) <= 7
+            tags = tf.sparse.to_dense(features["tags"], default_value=-1).numpy()
+            for row, i in enumerate(features["id"].numpy()):
+                assert [t for t in tags[row] if t >= 0] == list(range(i, i + i % 4)), "sparse rows stay with their row"
+                assert labels.numpy()[row] == i % 2
+                seen.append(int(i))
+        assert sorted(seen) == list(range(90)) + list(range(1000, 1012))
