@@ -15,6 +15,8 @@ import os
 import time
 from typing import Dict, Optional
 
+import tensorflow as tf
+
 from serving import model_config
 
 ROLLED_BACK_FILE = "rolled_back.json"
@@ -33,9 +35,9 @@ class Rollback:
 
 def rolled_back_versions(serving_dir: str) -> Dict[int, dict]:
     path = os.path.join(serving_dir, ROLLED_BACK_FILE)
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return {}
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         return {int(k): v for k, v in json.load(f).items()}
 
 
@@ -43,9 +45,9 @@ def _mark(serving_dir: str, version: int, details: dict) -> None:
     marked = rolled_back_versions(serving_dir)
     marked[version] = details
     tmp = os.path.join(serving_dir, ROLLED_BACK_FILE + ".tmp")
-    with open(tmp, "w") as f:
+    with tf.io.gfile.GFile(tmp, "w") as f:
         json.dump({str(k): v for k, v in sorted(marked.items())}, f, indent=2)
-    os.replace(tmp, os.path.join(serving_dir, ROLLED_BACK_FILE))
+    tf.io.gfile.rename(tmp, os.path.join(serving_dir, ROLLED_BACK_FILE), overwrite=True)
 
 
 def roll_back(models_config_path: str, model_name: str, serving_address: Optional[str],

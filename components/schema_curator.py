@@ -11,6 +11,7 @@ into the work directory, and later spans validate against that copy.
 
 import os
 
+import tensorflow as tf
 import tensorflow_data_validation as tfdv
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tfx.types import standard_artifacts
@@ -61,7 +62,7 @@ def SchemaCurator(
     inferred = tfdv.load_schema_text(os.path.join(schema.uri, SCHEMA_FILE))
     result = curate(inferred)
     tfdv.write_schema_text(result, os.path.join(curated_schema.uri, SCHEMA_FILE))
-    os.makedirs(os.path.dirname(keep_path), exist_ok=True)
+    tf.io.gfile.makedirs(os.path.dirname(keep_path))
     tmp = keep_path + ".tmp"
     tfdv.write_schema_text(result, tmp)
-    os.replace(tmp, keep_path)
+    tf.io.gfile.rename(tmp, keep_path, overwrite=True)

@@ -12,7 +12,6 @@ Unlike the stock Pusher it
 
 import logging
 import os
-import shutil
 import time
 import uuid
 from typing import List
@@ -35,19 +34,28 @@ def publish(saved_model_dir: str, base_path: str) -> int:
     """Copies a SavedModel in as a new version directory, atomically; returns the version."""
     if not tf.io.gfile.exists(os.path.join(saved_model_dir, "saved_model.pb")):
         raise ValueError(f"{saved_model_dir} holds no SavedModel (saved_model.pb is missing)")
-    os.makedirs(base_path, exist_ok=True)
+    tf.io.gfile.makedirs(base_path)
     staging = os.path.join(base_path, f".incoming-{uuid.uuid4().hex}")
-    io_utils.copy_dir(saved_model_dir, staging)
+    try:
+        io_utils.copy_dir(saved_model_dir, staging)
+    except Exception:
+        _remove_tree(staging)
+        raise
     while True:
         version = next_version(base_path)
         try:
-            os.rename(staging, os.path.join(base_path, str(version)))
+            tf.io.gfile.rename(staging, os.path.join(base_path, str(version)))
             return version
-        except OSError:
-            if not os.path.exists(os.path.join(base_path, str(version))):
-                shutil.rmtree(staging, ignore_errors=True)
+        except (OSError, tf.errors.OpError):
+            if not tf.io.gfile.exists(os.path.join(base_path, str(version))):
+                _remove_tree(staging)
                 raise
             # Another push took this number in the meantime: take the next one.
+
+
+def _remove_tree(path: str) -> None:
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
 
 
 def prune(base_path: str, keep: int, protected: List[int]) -> List[int]:
@@ -57,7 +65,7 @@ def prune(base_path: str, keep: int, protected: List[int]) -> List[int]:
     excess = max(0, len(versions) - max(keep, len(protected)))
     removed = sorted(deletable)[:excess]
     for version in removed:
-        shutil.rmtree(os.path.join(base_path, str(version)), ignore_errors=True)
+        _remove_tree(os.path.join(base_path, str(version)))
     return removed
 
 
@@ -95,7 +103,7 @@ def ServingPusher(
         pushed_model.set_int_custom_property("pushed", 0)
         return
     version = publish(os.path.join(model.uri, "Format-Serving"), model_base_path)
-    old_config = model_config.read_config(models_config_path) if os.path.exists(models_config_path) else None
+    old_config = model_config.read_config(models_config_path) if tf.io.gfile.exists(models_config_path) else None
     deployment = model_config.promote(models_config_path, model_name, model_base_path, version)
     try:
         outcome = notify_server(serving_address, model_config.build_config(deployment), old_config)

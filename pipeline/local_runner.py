@@ -14,7 +14,8 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from pipeline.config import IncrecConfig
+from pipeline import files
+from pipeline.config import IncrecConfig, is_remote
 
 
 class SpanRunError(RuntimeError):
@@ -27,7 +28,14 @@ class SpanRunError(RuntimeError):
 
 @contextlib.contextmanager
 def work_lock(work_dir: str):
-    """One run at a time per work directory (a second one would race on versions and vocabularies)."""
+    """One run at a time per work directory (a second one would race on versions and vocabularies).
+
+    A file lock needs a local work directory; on a remote one (gs://...) the
+    scheduler that starts the runs (Kubeflow, cron) keeps them one at a time.
+    """
+    if is_remote(work_dir):
+        yield
+        return
     os.makedirs(work_dir, exist_ok=True)
     with open(os.path.join(work_dir, ".lock"), "w") as lock:
         try:
@@ -38,16 +46,14 @@ def work_lock(work_dir: str):
 
 
 def append_history(config: IncrecConfig, record: Dict[str, Any]) -> None:
-    with open(config.history_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    """Adds a line to history.jsonl (rewritten whole and renamed into place: object stores cannot append)."""
+    text = files.read_text(config.history_path) or ""
+    files.write_text(config.history_path, text + json.dumps(record, sort_keys=True) + "\n")
 
 
 def read_history(work_dir: str) -> List[Dict[str, Any]]:
-    path = os.path.join(work_dir, "history.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = files.read_text(os.path.join(work_dir, "history.jsonl")) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _root_cause(error: BaseException) -> str:
@@ -75,8 +81,11 @@ def run_span(config: IncrecConfig, span: int) -> Dict[str, Any]:
     from pipeline import outcome, timeline
     from pipeline.pipeline import create_pipeline
 
+    if is_remote(config.metadata_path):
+        raise ValueError(f"ML Metadata cannot live at {config.metadata_path}: the local runner keeps it in a sqlite "
+                         f"file, which must be local; set \"metadata\" in --config to a local path")
     span_dir = os.path.join(config.data_dir, f"span-{span}")
-    if not os.path.isdir(span_dir):
+    if not files.isdir(span_dir):
         raise FileNotFoundError(f"no span {span}: {span_dir} does not exist")
     with work_lock(config.work_dir):
         started = time.time()

@@ -11,6 +11,7 @@ import os
 import time
 from typing import Any, Dict, Optional, Tuple
 
+import tensorflow as tf
 from ml_metadata import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
@@ -39,9 +40,9 @@ def _artifact_json(artifact, name: str):
     if artifact is None:
         return None
     path = os.path.join(artifact.uri, name)
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return None
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         return json.load(f)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import uuid
 from typing import Dict, List, Optional
 
+import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -40,18 +41,19 @@ class Deployment:
 
 def version_dirs(base_path: str) -> List[int]:
     """Numeric version directories under base_path, ascending (as TF Serving sees them)."""
-    if not os.path.isdir(base_path):
+    if not tf.io.gfile.isdir(base_path):
         return []
     out = []
-    for name in os.listdir(base_path):
-        if name.isdigit() and os.path.isdir(os.path.join(base_path, name)):
+    for name in tf.io.gfile.listdir(base_path):
+        name = name.rstrip("/")
+        if name.isdigit() and tf.io.gfile.isdir(os.path.join(base_path, name)):
             out.append(int(name))
     return sorted(out)
 
 
 def read_config(path: str) -> model_server_config_pb2.ModelServerConfig:
     config = model_server_config_pb2.ModelServerConfig()
-    with open(path, "r", encoding="utf-8") as f:
+    with tf.io.gfile.GFile(path) as f:
         text = f.read()
     try:
         text_format.Parse(text, config)
@@ -62,19 +64,19 @@ def read_config(path: str) -> model_server_config_pb2.ModelServerConfig:
 
 def write_config(path: str, config: model_server_config_pb2.ModelServerConfig) -> None:
     """Write atomically so a polling server never reads half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".models.config.", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    directory = os.path.dirname(path)
+    tf.io.gfile.makedirs(directory)
+    tmp = os.path.join(directory, f".models.config.{uuid.uuid4().hex}")
+    with tf.io.gfile.GFile(tmp, "w") as f:
         f.write(text_format.MessageToString(config))
-    os.replace(tmp, path)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def build_config(deployment: Deployment) -> model_server_config_pb2.ModelServerConfig:
     config = model_server_config_pb2.ModelServerConfig()
     entry = config.model_config_list.config.add()
     entry.name = deployment.model_name
-    entry.base_path = os.path.abspath(deployment.base_path)
+    entry.base_path = deployment.base_path if "://" in deployment.base_path else os.path.abspath(deployment.base_path)
     entry.model_platform = "tensorflow"
     entry.model_version_policy.specific.versions.extend(sorted(set(deployment.versions), reverse=True))
     for label, version in sorted(deployment.labels.items()):
@@ -84,7 +86,7 @@ def build_config(deployment: Deployment) -> model_server_config_pb2.ModelServerC
 
 def read_deployment(path: str, model_name: str) -> Optional[Deployment]:
     """The entry for model_name in the config at path, or None when there is none yet."""
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return None
     config = read_config(path)
     for entry in config.model_config_list.config:
