@@ -1,10 +1,9 @@
 """Running request work off the event loop that serves gRPC and REST.
 
-Predict goes through the Batcher when batching is on; everything that calls
-a model or blocks (Predict without batching, Classify, Regress,
-MultiInference, config reloads) runs in a thread pool. Results come back to
-the loop through one mailbox, drained by one wake-up however many results
-arrived meanwhile, so a batch of 32 answers costs one loop wake-up, not 32.
+Predict goes through the Batcher when batching is on; everything else that
+calls a model or blocks (Predict without batching, Classify, Regress,
+MultiInference, config reloads) runs in a thread pool, whose results come
+back through one mailbox drained by one loop wake-up however many arrived.
 """
 from __future__ import annotations
 
@@ -59,11 +58,10 @@ class Executor:
 
     def predict(self, call) -> asyncio.Future:
         """A future of a PredictCall's outputs, batched with concurrent calls when batching is on."""
-        future = self.loop.create_future()
         if self.batcher is not None:
-            self.batcher.submit(call, lambda outputs, error: self._mailbox.put(future, outputs, error))
-        else:
-            self._pool.submit(self._run_call, call, future)
+            return self.batcher.submit(call)
+        future = self.loop.create_future()
+        self._pool.submit(self._run_call, call, future)
         return future
 
     def _run_call(self, call, future) -> None:
@@ -103,5 +101,5 @@ def make_executor(loop, enable_batching: bool, batching_file: str = "", metrics=
 
     executor = Executor(loop, None, metrics, threads or 16)
     if enable_batching:
-        executor.batcher = Batcher(parse_parameters(batching_file), metrics, on_run=executor.record_runtime)
+        executor.batcher = Batcher(loop, parse_parameters(batching_file), metrics, on_run=executor.record_runtime)
     return executor

@@ -43,14 +43,41 @@ def _require_spec(request) -> None:
 # --- Predict ---
 
 class PredictCall:
-    """A checked Predict request: the one servable and signature it resolved to, and its inputs as arrays."""
+    """A checked Predict request: the one servable and signature it resolved to, and its inputs.
 
-    __slots__ = ("name", "servable", "signature", "inputs", "outputs")
+    Inputs come as arrays (REST decodes JSON into them) or as the request's
+    TensorProtos with their shapes (gRPC), decoded only when the call runs,
+    once per batch (tensors.concat), or alone (`inputs`).
+    """
 
-    def __init__(self, name: str, servable: Servable, signature: Signature, inputs: Dict[str, np.ndarray],
-                 outputs: tuple):
-        self.name, self.servable, self.signature = name, servable, signature
-        self.inputs, self.outputs = inputs, outputs
+    __slots__ = ("name", "servable", "signature", "outputs", "max_bytes", "_sources", "_layout", "_inputs")
+
+    def __init__(self, name: str, servable: Servable, signature: Signature, outputs: tuple,
+                 arrays: Optional[Dict[str, np.ndarray]] = None, protos=None, layout=None,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        self.name, self.servable, self.signature, self.outputs = name, servable, signature, outputs
+        self.max_bytes = max_bytes
+        self._inputs = arrays
+        if arrays is not None:
+            self._sources = {alias: (value, value.shape) for alias, value in arrays.items()}
+            self._layout = {alias: (value.dtype.str, value.shape) for alias, value in arrays.items()}
+        else:
+            self._sources = {alias: (protos[alias], dims) for alias, (_, dims) in layout.items()}
+            self._layout = layout
+
+    @property
+    def inputs(self) -> Dict[str, np.ndarray]:
+        if self._inputs is None:
+            self._inputs = {alias: tensors.to_array(alias, proto, self.max_bytes)
+                            for alias, (proto, _) in self._sources.items()}
+        return self._inputs
+
+    def layout(self) -> Dict[str, tuple]:
+        """{alias: (numpy dtype string or None, shape)}: what decides whether calls can be batched."""
+        return self._layout
+
+    def source(self, alias: str) -> tuple:
+        return self._sources[alias]
 
     def run(self) -> Dict[str, np.ndarray]:
         return self.signature(self.inputs, self.outputs)
@@ -82,18 +109,19 @@ def prepare_predict(manager: mm.ModelManager, request: predict_pb2.PredictReques
     spec = request.model_spec
     servable = manager.resolve(spec)
     signature = servable.signature(spec.signature_name, "predict")
-    given = request.inputs
+    given = dict(request.inputs)
     defaults = signature.definition.defaults if hasattr(signature.definition, "defaults") else {}
     check_predict_inputs(signature, set(given) | {a for a in defaults if a in signature.input_dtypes})
     outputs = check_output_filter(signature, request.output_filter)
-    inputs = {}
-    for alias, proto in given.items():
-        inputs[alias] = array = tensors.to_array(alias, proto, max_bytes)
-        signature.check(alias, array, proto.dtype)
     for alias in signature.input_dtypes:
-        if alias not in inputs:  # filled from the signature's defaults
-            inputs[alias] = tensors.to_array(alias, defaults[alias], max_bytes)
-    return PredictCall(spec.name, servable, signature, inputs, outputs)
+        if alias not in given:  # filled from the signature's defaults
+            given[alias] = defaults[alias]
+    layout = {}
+    for alias, proto in given.items():
+        dims, token = tensors.inspect(alias, proto, max_bytes)
+        signature.check(alias, dims, proto.dtype)
+        layout[alias] = (token, dims)
+    return PredictCall(spec.name, servable, signature, outputs, protos=given, layout=layout, max_bytes=max_bytes)
 
 
 def predict_response(call: PredictCall, outputs: Dict[str, np.ndarray]) -> predict_pb2.PredictResponse:

@@ -159,8 +159,8 @@ class RestApi:
         arrays, row = json_tensors.predict_arrays(request, signature.input_dtypes)
         inference.check_predict_inputs(signature, arrays)
         for alias, array in arrays.items():
-            signature.check(alias, array, signature.input_dtypes[alias])
-        return PredictCall(name, servable, signature, arrays, ()), row
+            signature.check(alias, array.shape, signature.input_dtypes[alias])
+        return PredictCall(name, servable, signature, (), arrays=arrays, max_bytes=self.max_body_bytes), row
 
     def _example_call(self, verb, name, version, label, body) -> inference.ExampleCall:
         request = json_tensors.parse_json(body)

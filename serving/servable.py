@@ -96,16 +96,16 @@ class Signature:
         self._call = atomic.call_preflattened if direct else None
         self._captured = list(function.captured_inputs) if direct else []
 
-    def check(self, alias: str, array: np.ndarray, dtype: int) -> None:
+    def check(self, alias: str, dims, dtype: int) -> None:
         """What Session::Run or the function's input signature would refuse, as INVALID_ARGUMENT."""
         expected = self.input_dtypes[alias]
         if dtype != expected:
             raise invalid(f"Expects arg[{alias}] to be {dtype_name(expected)} but {dtype_name(dtype)} is provided")
         shape = self._shapes.get(alias)
-        if shape is not None and (len(shape) != array.ndim or
-                                  any(d is not None and d != n for d, n in zip(shape, array.shape))):
+        if shape is not None and (len(shape) != len(dims) or
+                                  any(d is not None and d != n for d, n in zip(shape, dims))):
             wanted = "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
-            raise invalid(f"Input {alias} of signature {self.key} must have shape {wanted}, got {list(array.shape)}")
+            raise invalid(f"Input {alias} of signature {self.key} must have shape {wanted}, got {list(dims)}")
 
     def __call__(self, arrays: Dict[str, np.ndarray], outputs: Sequence[str] = ()) -> Dict[str, np.ndarray]:
         """Runs on numpy inputs keyed by alias (already checked); returns numpy outputs keyed by alias."""

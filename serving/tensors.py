@@ -1,8 +1,10 @@
 """TensorProto <-> numpy on the request path, reading the proto's buffers directly.
 
-`tensor_content` becomes an array with np.frombuffer (no copy), typed `*_val`
-fields go through one np.array call, and DT_STRING values become an object
-array of bytes; `tf.make_ndarray` is only the fallback for rare dtypes.
+A request's tensors are checked on arrival (`inspect`: shape, dtype, value
+count, size) but decoded once per batch (`concat`): the `tensor_content` of
+all requests joined into one np.frombuffer, typed `*_val` fields into one
+np.array call, DT_STRING values into one object array of bytes.
+`tf.make_ndarray` is only the fallback for rare dtypes.
 Outputs are written to the typed `*_val` fields, as TF Serving does by
 default. Malformed tensors are INVALID_ARGUMENT `tensor parsing error: x`,
 TF Serving's text; a tensor whose decoded size would exceed the request
@@ -40,6 +42,71 @@ def dtype_name(enum: int) -> str:
     """TF's short name of a dtype enum (`float`, `int64`, `string`), as its error texts use."""
     name = types_pb2.DataType.Name(enum) if enum in types_pb2.DataType.values() else str(enum)
     return name[3:].lower() if name.startswith("DT_") else name
+
+
+def inspect(alias: str, proto, max_bytes: int):
+    """(dims, numpy dtype string or None) of a request TensorProto, checked the way to_array would check it,
+    without decoding its values (that happens once per batch, in the batch thread)."""
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
+        raise invalid(f"tensor parsing error: {alias}")
+    size = math.prod(dims)
+    dtype = proto.dtype
+    if dtype == STRING:
+        if size * 8 > max_bytes:
+            raise _too_big(alias, dims, size * 8, max_bytes)
+        if len(proto.string_val) > size:
+            raise invalid(f"tensor parsing error: {alias}")
+        return dims, "|O"
+    entry = FIELDS.get(dtype)
+    if entry is None:
+        return dims, None
+    itemsize = np.dtype(entry[0]).itemsize
+    if size * itemsize > max_bytes:
+        raise _too_big(alias, dims, size * itemsize, max_bytes)
+    content = proto.tensor_content
+    if (len(content) != size * itemsize) if content else (len(getattr(proto, entry[1])) > size):
+        raise invalid(f"tensor parsing error: {alias}")
+    return dims, np.dtype(entry[0]).str
+
+
+def concat(alias: str, sources: list, max_bytes: int) -> np.ndarray:
+    """The batch of several requests' values for one input, stacked along the first dimension.
+
+    `sources` are (array or TensorProto, dims). Protos that hold exactly
+    their values are joined before decoding (one frombuffer, one np.array or
+    one object array for the whole batch); anything else is decoded alone.
+    """
+    tail = list(sources[0][1][1:])
+    if not any(isinstance(source, np.ndarray) for source, _ in sources):
+        dtype = sources[0][0].dtype
+        entry = FIELDS.get(dtype)
+        if dtype == STRING:
+            values = []
+            for proto, dims in sources:
+                if len(proto.string_val) != math.prod(dims):
+                    break
+                values.extend(proto.string_val)
+            else:
+                array = np.empty(len(values), dtype=object)
+                array[:] = values
+                return array.reshape([-1] + tail)
+        elif entry is not None and dtype != types_pb2.DT_HALF:
+            np_dtype, field, parsed_as = entry
+            if all(proto.tensor_content for proto, _ in sources):
+                return np.frombuffer(b"".join(proto.tensor_content for proto, _ in sources),
+                                     dtype=np_dtype).reshape([-1] + tail)
+            if parsed_as is np_dtype and not any(proto.tensor_content for proto, _ in sources):
+                values = []
+                for proto, dims in sources:
+                    field_values = getattr(proto, field)
+                    if len(field_values) != math.prod(dims):
+                        break
+                    values.extend(field_values)
+                else:
+                    return np.array(values, dtype=np_dtype).reshape([-1] + tail)
+    return np.concatenate([source if isinstance(source, np.ndarray) else to_array(alias, source, max_bytes)
+                           for source, _ in sources])
 
 
 def to_array(alias: str, proto, max_bytes: int) -> np.ndarray:
