@@ -112,7 +112,7 @@ def measured_run(data: str, work: str, span: int, config: str) -> Dict[str, Any]
             "examples_trained": record.get("examples_trained"), "output": output.strip().splitlines()[-1:]}
 
 
-def run_size(rows: int, scratch: Path, seed: int) -> Dict[str, Any]:
+def run_size(rows: int, scratch: Path, seed: int, keep: bool = False) -> Dict[str, Any]:
     data, work = scratch / f"data-{rows}", scratch / f"work-{rows}"
     users, items = max(1000, rows // 16), max(500, rows // 50)
     started = time.time()
@@ -131,8 +131,9 @@ def run_size(rows: int, scratch: Path, seed: int) -> Dict[str, Any]:
         increc("down", "--work", str(work))
     print(f"  {rows} rows, span 2: {second['seconds']} s, peak RSS {second['peak_rss_bytes'] / GIB:.2f} GiB",
           flush=True)
-    shutil.rmtree(data, ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return {"rows": rows, "users": users, "items": items, "prepare_seconds": round(prepare_seconds, 1),
             "spans": [first, second]}
 
@@ -214,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--scratch", help="where data and work directories go (default: a temporary directory)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--keep", action="store_true", help="keep each size's data and work directories")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="increc-scale-"))
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     results = []
     for rows in sizes:
         print(f"{rows} rows a span:", flush=True)
-        results.append(run_size(rows, scratch, args.seed))
+        results.append(run_size(rows, scratch, args.seed, args.keep))
         write_json(str(out_dir / "scale.json"), {"sizes": results, "goals": goals(results)})
     report(results, out_dir)
     return 0

@@ -49,6 +49,7 @@ from models import features as F
 REQUIRED_COLUMNS = (F.USER_ID, F.ITEM_ID, F.TIMESTAMP, F.LABEL)
 SIDE_TABLES = {"items.csv": F.ITEM_ID, "users.csv": F.USER_ID}
 BAD_ROWS_FILE = "bad_rows.json"
+SPLIT_ROWS_FILE = "split_rows.json"  # rows per split; the Trainer reads it instead of counting records
 SHOWN_BAD_ROWS = 5
 LISTED_BAD_ROWS = 1000  # bad rows named in the report; the count is always exact
 ENCODE_BATCH = 32768  # rows per Arrow batch handed to the encoder
@@ -643,7 +644,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                          float(exec_properties[BAD_ROW_BUDGET]), report_path)
             _ = (counts
                  | "SplitTotals" >> beam.CombineGlobally(_add_counts)
-                 | "WriteTotals" >> beam.Map(_write_json, os.path.join(examples.uri, "split_rows.json")))
+                 | "WriteTotals" >> beam.Map(_write_json, os.path.join(examples.uri, SPLIT_ROWS_FILE)))
 
         examples_utils.set_payload_format(examples, example_gen_pb2.FORMAT_TF_EXAMPLE)
         examples_utils.set_file_format(examples, "tfrecords_gzip")
@@ -651,7 +652,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         examples_utils.set_file_format(parquet, example_gen_pb2.FileFormat.Name(example_gen_pb2.FILE_FORMAT_PARQUET))
         with tf.io.gfile.GFile(report_path) as f:
             report = json.load(f)
-        with tf.io.gfile.GFile(os.path.join(examples.uri, "split_rows.json")) as f:
+        with tf.io.gfile.GFile(os.path.join(examples.uri, SPLIT_ROWS_FILE)) as f:
             split_rows = json.load(f)
         examples.set_int_custom_property("rows", report["rows"])
         examples.set_int_custom_property("bad_rows", report["bad_rows_count"])

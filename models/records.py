@@ -1,6 +1,8 @@
 """Reading serialized tf.Examples from gzipped TFRecord files, in bounded batches."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Iterator, List
 
 import numpy as np
@@ -32,7 +34,30 @@ def read_records(patterns: List[str]) -> List[bytes]:
     return [record for batch in iter_record_batches(patterns) for record in batch]
 
 
+SPLIT_ROWS_FILE = "split_rows.json"  # written by SpanExampleGen next to its Split-* directories
+
+
 def count_records(patterns: List[str]) -> int:
+    """Records matching `<examples>/Split-<name>/*` patterns: from SpanExampleGen's counts where it left
+    them, else by reading the files."""
+    known = 0
+    unknown = []
+    for pattern in patterns:
+        split_dir = os.path.dirname(pattern)
+        counts = os.path.join(os.path.dirname(split_dir), SPLIT_ROWS_FILE)
+        split = os.path.basename(split_dir)[len("Split-"):]
+        if os.path.basename(pattern) == "*" and split_dir.rsplit("/", 1)[-1].startswith("Split-") \
+                and tf.io.gfile.exists(counts):
+            with tf.io.gfile.GFile(counts) as f:
+                rows = json.load(f)
+            if split in rows:
+                known += int(rows[split])
+                continue
+        unknown.append(pattern)
+    return known + _read_and_count(unknown)
+
+
+def _read_and_count(patterns: List[str]) -> int:
     files = record_files(patterns)
     if not files:
         return 0

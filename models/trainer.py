@@ -52,26 +52,14 @@ TRANSFORM_BATCH = 8192  # records per Transform-layer call: below a few thousand
 SHUFFLE_BUFFER = 100_000  # serialized records held for shuffling (~20 MB); a 10k-row span is shuffled whole
 
 
-def make_dataset(patterns: List[str], tft_layer, raw_spec, batch_size: int, shuffle_seed=None,
-                 replayed: Sequence[bytes] = (), flip_labels: bool = False, teacher=None,
-                 distillation_weight: float = 0.0) -> tf.data.Dataset:
-    """Batches of (transformed features, label) streamed from the TFRecord files, never the whole span in memory.
+def make_transform(tft_layer, raw_spec, flip_labels: bool = False, teacher=None, distillation_weight: float = 0.0):
+    """Serialized tf.Examples -> (transformed features, label), traced once and shared by every dataset.
 
-    Records are shuffled as bytes, transformed TRANSFORM_BATCH at a time (one
-    Transform-layer call per chunk, far cheaper than one per training batch),
-    then cut into training batches. Replayed examples of earlier spans are
-    mixed in at random; with a teacher, the features carry the soft target too.
+    Traced on its own, the Transform layer takes a fraction of a second; traced
+    inside each tf.data map function it took seconds per dataset. With a
+    teacher, the features carry the soft target too.
     """
-    records = record_dataset(patterns)
-    if len(replayed):
-        spans = count_records(patterns)
-        replay = tf.data.Dataset.from_tensor_slices(tf.constant(list(replayed), tf.string))
-        records = tf.data.Dataset.sample_from_datasets(
-            [records, replay], weights=[spans / (spans + len(replayed)), len(replayed) / (spans + len(replayed))],
-            seed=shuffle_seed)
-    if shuffle_seed is not None:
-        records = records.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
-
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
     def transform(serialized):
         features = tft_layer(tf.io.parse_example(serialized, raw_spec))
         label = tf.reshape(features.pop(F.LABEL), [-1])
@@ -83,6 +71,27 @@ def make_dataset(patterns: List[str], tft_layer, raw_spec, batch_size: int, shuf
                                               + distillation_weight * soft)
         return features, label
 
+    return transform
+
+
+def make_dataset(patterns: List[str], transform, batch_size: int, shuffle_seed=None,
+                 replayed: Sequence[bytes] = ()) -> tf.data.Dataset:
+    """Batches of (transformed features, label) streamed from the TFRecord files, never the whole span in memory.
+
+    Records are shuffled as bytes, transformed TRANSFORM_BATCH at a time (one
+    Transform-layer call per chunk, far cheaper than one per training batch),
+    then cut into training batches. Replayed examples of earlier spans are
+    mixed in at random.
+    """
+    records = record_dataset(patterns)
+    if len(replayed):
+        spans = count_records(patterns)
+        replay = tf.data.Dataset.from_tensor_slices(tf.constant(list(replayed), tf.string))
+        records = tf.data.Dataset.sample_from_datasets(
+            [records, replay], weights=[spans / (spans + len(replayed)), len(replayed) / (spans + len(replayed))],
+            seed=shuffle_seed)
+    if shuffle_seed is not None:
+        records = records.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
     chunks = records.batch(TRANSFORM_BATCH).map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     if batch_size < TRANSFORM_BATCH:
         chunks = chunks.flat_map(_split_into(batch_size))
@@ -233,7 +242,8 @@ def run_fn(fn_args: FnArgs) -> None:
     phases.done("replay_sample")
 
     model = ranking_model.build(spec, float(config["learning_rate"]), config["optimizer"])
-    model(next(iter(make_dataset(fn_args.train_files, tft_layer, raw_spec, 2)))[0])  # create the weights
+    plain = make_transform(tft_layer, raw_spec)
+    model(plain(tf.constant(next(iter_record_batches(fn_args.train_files, 2))))[0])  # create the weights
 
     base = fn_args.base_model if config["mode"] == "incremental" else None
     warm_report = {}
@@ -252,11 +262,12 @@ def run_fn(fn_args: FnArgs) -> None:
     log_dir = os.path.join(config["tensorboard_dir"], "train", f"{run_name}-{int(started)}")
     batch_size = training_batch_size(span_examples + len(replayed), int(config["batch_size"]),
                                      int(config.get("max_steps_per_epoch", 0)))
-    train_ds = make_dataset(fn_args.train_files, tft_layer, raw_spec, batch_size,
-                            shuffle_seed=int(config["seed"]), replayed=replayed,
-                            flip_labels=bool(config.get("flip_train_labels")),
-                            teacher=teacher, distillation_weight=distillation_weight)
-    eval_ds = make_dataset(fn_args.eval_files, tft_layer, raw_spec, TRANSFORM_BATCH) if has_eval else None
+    flip = bool(config.get("flip_train_labels"))
+    training = plain if not (flip or teacher) else make_transform(tft_layer, raw_spec, flip, teacher,
+                                                                   distillation_weight)
+    train_ds = make_dataset(fn_args.train_files, training, batch_size, shuffle_seed=int(config["seed"]),
+                            replayed=replayed)
+    eval_ds = make_dataset(fn_args.eval_files, plain, TRANSFORM_BATCH) if has_eval else None
     fit_started = time.time()
     history = fit(model, train_ds, int(config["epochs"]))
     train_seconds = time.time() - fit_started

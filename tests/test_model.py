@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from models import features as F
 from models import ranking_model
-from models.trainer import make_dataset
+from models.trainer import make_dataset, make_transform
 
 
 def spec(**overrides) -> ranking_model.ModelSpec:
@@ -61,10 +61,11 @@ def test_distillation_trains_against_the_label_blended_with_the_teacher(tmp_path
     layer = lambda parsed: {F.LABEL: tf.reshape(parsed[F.LABEL], [-1]), "x": parsed["x"]}  # noqa: E731
     # The teacher reads its probability from the example itself: 0.2 for the first, 0.6 for the second.
     teacher = lambda inputs: {"outputs": tf.io.parse_example(inputs, raw_spec)["x"]}  # noqa: E731
-    features, labels = next(iter(make_dataset([path], layer, raw_spec, 2, teacher=teacher, distillation_weight=0.25)))
+    soft = make_transform(layer, raw_spec, teacher=teacher, distillation_weight=0.25)
+    features, labels = next(iter(make_dataset([path], soft, 2)))
     np.testing.assert_allclose(features[ranking_model.TARGET].numpy(), [0.75 * 1 + 0.25 * 0.2, 0.25 * 0.6])
     np.testing.assert_array_equal(labels.numpy(), [1, 0])
-    plain, _ = next(iter(make_dataset([path], layer, raw_spec, 2)))
+    plain, _ = next(iter(make_dataset([path], make_transform(layer, raw_spec), 2)))
     assert ranking_model.TARGET not in plain
 
     model = ranking_model.build(spec(), 0.1)
@@ -189,7 +190,7 @@ def test_the_training_stream_yields_every_record_once_per_epoch_with_the_replay_
     layer = lambda parsed: {F.LABEL: tf.reshape(parsed[F.LABEL], [-1]), "id": tf.reshape(parsed["id"], [-1]),  # noqa: E731
                             "tags": parsed["tags"]}
     replayed = [example(i) for i in range(1000, 1012)]
-    dataset = make_dataset(paths, layer, raw_spec, 7, shuffle_seed=3, replayed=replayed)
+    dataset = make_dataset(paths, make_transform(layer, raw_spec), 7, shuffle_seed=3, replayed=replayed)
     for _ in range(2):  # two epochs, reshuffled
         seen = []
         for features, labels in dataset:
@@ -200,3 +201,17 @@ def test_the_training_stream_yields_every_record_once_per_epoch_with_the_replay_
                 assert labels.numpy()[row] == i % 2
                 seen.append(int(i))
         assert sorted(seen) == list(range(90)) + list(range(1000, 1012))
+
+
+def test_record_counts_come_from_the_example_gen_when_it_left_them(tmp_path):
+    from models.records import count_records
+
+    split = tmp_path / "examples" / "Split-train"
+    split.mkdir(parents=True)
+    with tf.io.TFRecordWriter(str(split / "part.gz"), options="GZIP") as writer:
+        for i in range(7):
+            writer.write(b"%d" % i)
+    pattern = str(split / "*")
+    assert count_records([pattern]) == 7  # no counts file: the records are read
+    (tmp_path / "examples" / "split_rows.json").write_text('{"train": 7000000, "eval": 3}')
+    assert count_records([pattern]) == 7000000, "SpanExampleGen's count is used without reading the span"
