@@ -12,7 +12,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from models import features as F
-from models import vocabulary
+from models import spans, vocabulary
 
 DEFAULT_OOV_BUCKETS = 16
 
@@ -29,12 +29,13 @@ def _map_values(x: tf.SparseTensor, fn) -> tf.SparseTensor:
 
 def preprocessing_fn(inputs, custom_config):
     store_dir = custom_config["vocab_dir"]
+    span = spans.span_of(custom_config)
     oov_buckets = int(custom_config.get("oov_buckets", DEFAULT_OOV_BUCKETS))
     outputs = {F.LABEL: tf.cast(_dense_1d(inputs[F.LABEL]), tf.int64)}
 
     for feature in F.ID_FEATURES:
         values = _dense_1d(inputs[feature])
-        path, previous_size = vocabulary.append_only_vocabulary(values, feature, store_dir)
+        path, previous_size = vocabulary.append_only_vocabulary(values, feature, store_dir, span)
         index = vocabulary.lookup(values, path, oov_buckets)
         outputs[F.index_name(feature)] = index
         if feature == F.USER_ID:
@@ -49,7 +50,7 @@ def preprocessing_fn(inputs, custom_config):
         if not isinstance(x, tf.SparseTensor):
             x = tf.sparse.from_dense(x) if x.dtype == tf.string else tf.sparse.from_dense(tf.cast(x, tf.float32))
         if x.dtype == tf.string:
-            path, _ = vocabulary.append_only_vocabulary(x.values, feature, store_dir)
+            path, _ = vocabulary.append_only_vocabulary(x.values, feature, store_dir, span)
             outputs[F.index_name(feature)] = _map_values(
                 x, lambda v, p=path: vocabulary.lookup(v, p, oov_buckets))
         else:

@@ -21,7 +21,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs  # noqa: E402
 from tfx.utils import io_utils  # noqa: E402
 from tensorflow_metadata.proto.v0 import schema_pb2  # noqa: E402
 
-from models import export, features as F, ranking_model, replay, warm_start  # noqa: E402
+from models import export, features as F, ranking_model, replay, spans, warm_start  # noqa: E402
 from models.metrics import auc  # noqa: E402
 from models.records import count_records, iter_record_batches, record_dataset  # noqa: E402
 from models.preprocessing import vocabulary_assets  # noqa: E402
@@ -233,10 +233,12 @@ def run_fn(fn_args: FnArgs) -> None:
     has_eval = count_records(fn_args.eval_files) > 0
     phases.done("count")
 
+    span = spans.span_of(config)
     reservoir = None
     replayed: List[bytes] = []
-    if config["mode"] == "incremental" and float(config["replay_fraction"]) > 0:
-        reservoir = replay.Reservoir(config["replay_dir"], int(config["replay_capacity"]), int(config["seed"]))
+    if config["mode"] == "incremental":
+        reservoir = replay.Reservoir.before(config["replay_dir"], span, int(config["replay_capacity"]),
+                                            int(config["seed"]))
         replayed = reservoir.sample(round(float(config["replay_fraction"]) * span_examples),
                                     seed=len(reservoir) + span_examples)
     phases.done("replay_sample")
@@ -258,7 +260,7 @@ def run_fn(fn_args: FnArgs) -> None:
         logging.info("no serving model at %s: training from scratch", base)
     phases.done("build_and_warm_start")
 
-    run_name = f"span-{config['span']}" if config.get("span") is not None else os.path.basename(fn_args.model_run_dir)
+    run_name = f"span-{span}"
     log_dir = os.path.join(config["tensorboard_dir"], "train", f"{run_name}-{int(started)}")
     batch_size = training_batch_size(span_examples + len(replayed), int(config["batch_size"]),
                                      int(config.get("max_steps_per_epoch", 0)))
@@ -284,9 +286,9 @@ def run_fn(fn_args: FnArgs) -> None:
     export.write_warmup(fn_args.serving_model_dir, warmup, categorical, numeric)
     phases.done("export")
 
-    if reservoir is not None or config["mode"] == "incremental":
-        reservoir = reservoir or replay.Reservoir(config["replay_dir"], int(config["replay_capacity"]), int(config["seed"]))
-        reservoir.absorb(";".join(sorted(fn_args.train_files)), iter_record_batches(fn_args.train_files))
+    if reservoir is not None:
+        reservoir.absorb(iter_record_batches(fn_args.train_files))
+        reservoir.save(config["replay_dir"], span)
     phases.done("replay_absorb")
 
     summary = {

@@ -3,8 +3,9 @@
 TFT recomputes a vocabulary on every run, so the same id could land on a new
 row of the embedding table and a warm-started model would be wrong. Here a
 vocabulary only grows: ids seen before keep their index forever, new ids are
-appended (most frequent first), and the result is stored in the work
-directory for the next span. Index layout of a looked-up value:
+appended (most frequent first), and the result is kept in the work
+directory, one snapshot per span (models/spans.py), for the next span to
+extend. Index layout of a looked-up value:
 
     [0, oov_buckets)                  hash buckets for values not in the vocabulary
     oov_buckets + line_number         known values
@@ -25,6 +26,7 @@ import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 
 from models import features as F
+from models import spans
 
 
 def read_vocabulary(path: str) -> List[str]:
@@ -55,25 +57,44 @@ def write_atomically(path: str, lines: List[str]) -> None:
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-class AppendOnlyVocabulary(tft_beam.experimental.PTransformAnalyzer):
-    """Analyzer: batches of values -> path of the merged vocabulary (a Transform asset)."""
+SNAPSHOTS_KEPT = 3  # a rerun of span N needs only the snapshot of the span before it
 
-    def __init__(self, feature: str, store_dir: str):
+
+def base_vocabulary(store_dir: str, feature: str, span: int) -> List[str]:
+    """The vocabulary a run for `span` extends: the newest earlier span's snapshot.
+
+    Work directories from before per-span snapshots kept one flat file per
+    feature; it is the base until the first snapshot exists.
+    """
+    base = spans.base_snapshot(store_dir, span)
+    if base is not None:
+        return read_vocabulary(os.path.join(base, F.vocab_asset_name(feature)))
+    return read_vocabulary(os.path.join(store_dir, F.vocab_asset_name(feature)))
+
+
+class AppendOnlyVocabulary(tft_beam.experimental.PTransformAnalyzer):
+    """Analyzer: batches of values -> path of the merged vocabulary (a Transform asset).
+
+    The merged vocabulary also goes to the span's snapshot, `after-span-N`,
+    which the next span extends. A rerun of span N starts from the same
+    earlier snapshot, so it writes the same vocabulary.
+    """
+
+    def __init__(self, feature: str, store_dir: str, span: int):
         super().__init__()
-        self._feature = feature
-        self._store_path = os.path.join(store_dir, F.vocab_asset_name(feature))
+        self._feature, self._store_dir, self._span = feature, store_dir, span
 
     def expand(self, pcoll):
-        feature, store_path, temp_dir = self._feature, self._store_path, self.base_temp_dir
-        # Read when the pipeline is built, before any analyzer of this run writes the store.
-        previous = read_vocabulary(store_path)
+        feature, store_dir, span, temp_dir = self._feature, self._store_dir, self._span, self.base_temp_dir
+        previous = base_vocabulary(store_dir, feature, span)
+        snapshot = os.path.join(spans.snapshot_dir(store_dir, span), F.vocab_asset_name(feature))
 
         def write(counts):
             merged = merge(previous, counts)
             asset_path = os.path.join(temp_dir, F.vocab_asset_name(feature))
             write_atomically(asset_path, merged)
-            # The store is only ever extended, so rerunning a span is harmless.
-            write_atomically(store_path, merged)
+            write_atomically(snapshot, merged)
+            spans.prune(store_dir, span, SNAPSHOTS_KEPT)
             return np.array(asset_path.encode("utf-8"), dtype=object)
 
         # Counted per batch, then merged: one Beam element per value would cost more than the rest of Transform.
@@ -104,22 +125,22 @@ class _SumCounters(beam.CombineFn):
 
 
 class PreviousVocabularySize(beam.PTransform):
-    """Analyzer: the size of the stored vocabulary before this run (values seen in earlier spans)."""
+    """Analyzer: the size of the vocabulary this span extends (values seen in earlier spans)."""
 
-    def __init__(self, feature: str, store_dir: str):
+    def __init__(self, feature: str, store_dir: str, span: int):
         super().__init__()
-        self._store_path = os.path.join(store_dir, F.vocab_asset_name(feature))
+        self._feature, self._store_dir, self._span = feature, store_dir, span
 
     def expand(self, pcoll):
-        size = len(read_vocabulary(self._store_path))
+        size = len(base_vocabulary(self._store_dir, self._feature, self._span))
         return pcoll.pipeline | "Size" >> beam.Create([np.array(size, dtype=np.int64)])
 
 
-def append_only_vocabulary(values: tf.Tensor, feature: str, store_dir: str):
+def append_only_vocabulary(values: tf.Tensor, feature: str, store_dir: str, span: int):
     """Runs the analyzers on a 1-D string tensor; returns (vocabulary path, previous size) tensors."""
     (path,) = tft.experimental.ptransform_analyzer(
         inputs=[values],
-        ptransform=AppendOnlyVocabulary(feature, store_dir),
+        ptransform=AppendOnlyVocabulary(feature, store_dir, span),
         output_dtypes=[tf.string],
         output_shapes=[[]],
         output_asset_default_values=[b"__tracing_placeholder__"],  # TF cannot open an empty table file
@@ -127,7 +148,7 @@ def append_only_vocabulary(values: tf.Tensor, feature: str, store_dir: str):
     )
     (previous_size,) = tft.experimental.ptransform_analyzer(
         inputs=[values],
-        ptransform=PreviousVocabularySize(feature, store_dir),
+        ptransform=PreviousVocabularySize(feature, store_dir, span),
         output_dtypes=[tf.int64],
         output_shapes=[[]],
         name=f"previous_vocabulary_size_{feature}",

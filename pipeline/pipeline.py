@@ -105,7 +105,9 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         preprocessing_fn="models.preprocessing.preprocessing_fn",
         materialize=False,
         disable_statistics=True,
-        custom_config={"vocab_dir": config.vocab_dir, "oov_buckets": config.oov_buckets},
+        # span None (a scheduled run): the newest span in data_dir, as SpanExampleGen picks it.
+        custom_config={"vocab_dir": config.vocab_dir, "oov_buckets": config.oov_buckets, "span": span,
+                       "data_dir": config.data_dir},
     )
     # Nothing downstream may start before the guard: an anomaly must stop the run before Transform.
     transform.add_upstream_node(guard)
@@ -130,7 +132,7 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         train_examples = channel.union([history.outputs["examples"], example_gen.outputs["examples"]])
         nodes.append(history)
 
-    trainer_config = dict(config.trainer_config(), span=span)
+    trainer_config = dict(config.trainer_config(), span=span, data_dir=config.data_dir)
     trainer_kwargs = {}
     if with_baseline and config.mode == "incremental":
         trainer_kwargs["base_model"] = guard.outputs["serving_model"]

@@ -31,21 +31,29 @@ def _batches(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def test_reservoir_is_bounded_uniform_and_absorbs_a_source_once(tmp_path):
-    r = replay.Reservoir(str(tmp_path), capacity=100, seed=1)
-    for span in range(10):
-        assert r.absorb(f"span-{span}", _batches([f"{span}:{i}".encode() for i in range(100)], 37))
-    assert not r.absorb("span-9", [[b"again"]])
+def test_reservoir_is_bounded_uniform_and_snapshotted_per_span(tmp_path):
+    store = str(tmp_path / "replay")
+    for span in range(1, 11):
+        r = replay.Reservoir.before(store, span, capacity=100, seed=1)
+        r.absorb(_batches([f"{span}:{i}".encode() for i in range(100)], 37))
+        r.save(store, span)
     assert len(r) == 100 and r.seen == 1000
-    reloaded = replay.Reservoir(str(tmp_path), capacity=100, seed=1)
+    reloaded = replay.Reservoir.before(store, 11, capacity=100, seed=1)
     assert reloaded.examples == r.examples and reloaded.seen == 1000
     assert len(set(reloaded.sample(30, seed=3))) == 30
+    assert [p.name for p in sorted((tmp_path / "replay").iterdir())] == ["after-span-10", "after-span-8",
+                                                                         "after-span-9"], "older snapshots pruned"
+    # A rerun of span 10 (after a crash, say) starts from span 9's snapshot and writes the same reservoir.
+    again = replay.Reservoir.before(store, 10, capacity=100, seed=1)
+    again.absorb(_batches([f"10:{i}".encode() for i in range(100)], 37))
+    again.save(store, 10)
+    assert replay.Reservoir.before(store, 11, capacity=100, seed=1).examples == r.examples
     # Uniform: over many reservoirs every span holds capacity / spans examples on average, however batched.
     per_span = np.zeros(10)
     for seed in range(20):
-        r = replay.Reservoir(str(tmp_path / str(seed)), capacity=100, seed=seed)
+        r = replay.Reservoir(capacity=100, seed=seed)
         for span in range(10):
-            r.absorb(f"span-{span}", _batches([f"{span}:{i}".encode() for i in range(100)], 1 + seed))
+            r.absorb(_batches([f"{span}:{i}".encode() for i in range(100)], 1 + seed))
         per_span += np.bincount([int(e.split(b":")[0]) for e in r.examples], minlength=10)
     np.testing.assert_allclose(per_span / 20, 10, atol=2.0)
 
