@@ -52,8 +52,8 @@ class Run:
 
     def done(self) -> bool:
         n = len(self.latencies) + self.failures
-        if self.max_requests and n >= self.max_requests:
-            return True
+        if self.max_requests:
+            return n >= self.max_requests
         if not self.stop_requested.is_set() or n < self.min_requests:
             return False
         return time.perf_counter() >= self.deadline
