@@ -32,12 +32,12 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.utils import io_utils
 
-from components import rollback
+from components.deployment import DeploymentState
 from models import features as F
 from models import export
 from models.records import iter_record_batches
 from models.metrics import auc
-from serving import model_config
+from serving.model_config import PREVIOUS, STABLE, Deployment
 
 REPORT_FILE = "live_evaluation.json"
 LIVE_BATCH = 8192  # rows per scoring call (one gRPC Predict of ~1 MB when a server is up)
@@ -76,13 +76,6 @@ def example_patterns(examples: types.Artifact) -> List[str]:
             for split in artifact_utils.decode_split_names(examples.split_names)]
 
 
-def version_dir(base_path: str, version: Optional[int]) -> Optional[str]:
-    if version is None:
-        return None
-    path = os.path.join(base_path, str(version))
-    return path if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")) else None
-
-
 def server_scorer(client, model_name: str, label: str, categorical, numeric):
     """Click probabilities from gRPC Predict on a version label, with the raw features a client sends."""
     def score(records: List[bytes]) -> np.ndarray:
@@ -96,7 +89,7 @@ def saved_model_scorer(path: str):
     return lambda records: regress(inputs=tf.constant(records))["outputs"].numpy().ravel()
 
 
-def live_aucs(deployment: model_config.Deployment, patterns: List[str], client=None, categorical=(),
+def live_aucs(state: DeploymentState, deployment: Deployment, patterns: List[str], client=None, categorical=(),
               numeric=()) -> Dict[str, Optional[float]]:
     """AUC of the stable and previous versions on the span, scored batch by batch as the records stream past.
 
@@ -104,9 +97,8 @@ def live_aucs(deployment: model_config.Deployment, patterns: List[str], client=N
     """
     out: Dict[str, Optional[float]] = {"measured_by": "server" if client is not None else "saved_model"}
     scorers = {}
-    for name, label, version in (("live_auc", model_config.STABLE, deployment.stable),
-                                 ("previous_auc", model_config.PREVIOUS, deployment.previous)):
-        path = version_dir(deployment.base_path, version)
+    for name, label, version in (("live_auc", STABLE, deployment.stable), ("previous_auc", PREVIOUS, deployment.previous)):
+        path = state.version_dir(version)
         out[name] = None
         if path is not None:
             scorers[name] = (server_scorer(client, deployment.model_name, label, categorical, numeric)
@@ -134,37 +126,53 @@ def reachable_client(address: str):
     return None
 
 
-def guard(examples, anomalies, schema_path: str, models_config_path: str, model_name: str,
-          serving_address: str, rollback_tolerance: float) -> dict:
-    """Everything the component does, as a plain function; returns the live-evaluation report."""
+def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollback_tolerance: float) -> dict:
+    """Everything the component does, as a plain function; returns the live-evaluation report.
+
+    The report's `stable_version`/`previous_version` are the deployment this run
+    acts on (after any rollback): the ServingPusher pushes only if models.config
+    still says so.
+    """
     problems = anomaly_messages(anomalies)
     span = examples.get_int_custom_property("span")
     if problems:
         raise DataAnomaliesError(
             f"span {span} does not match the schema; nothing was trained or pushed:\n  " + "\n  ".join(problems))
 
-    deployment = model_config.read_deployment(models_config_path, model_name)
+    deployment = state.current()
     report = {"span": span, "serving_version": None, "previous_version": None, "live_auc": None,
-              "previous_auc": None, "examples": 0, "rolled_back": False}
+              "previous_auc": None, "examples": 0, "rolled_back": False,
+              "stable_version": deployment.stable if deployment else None,
+              "deployed_previous_version": deployment.previous if deployment else None}
     if deployment is None or deployment.stable is None:
         return report
     categorical, numeric = F.split_columns(tfdv.load_schema_text(schema_path))
-    client = reachable_client(serving_address) if serving_address else None
+    client = reachable_client(state.serving_address) if state.serving_address else None
     try:
-        report.update(live_aucs(deployment, example_patterns(examples), client, categorical, numeric))
+        report.update(live_aucs(state, deployment, example_patterns(examples), client, categorical, numeric))
     finally:
         if client is not None:
             client.close()
     report.update(serving_version=deployment.stable, previous_version=deployment.previous)
     live, previous = report["live_auc"], report["previous_auc"]
     if live is not None and previous is not None and live < previous - rollback_tolerance:
-        done = rollback.roll_back(models_config_path, model_name, serving_address, reason="live AUC regressed",
-                                  span=span, live_auc=live, previous_auc=previous)
+        done = state.roll_back(reason="live AUC regressed", expected=deployment, span=span, live_auc=live,
+                               previous_auc=previous)
         logging.warning("span %s: version %d has live AUC %.4f < %.4f of version %d - %.4f: rolled back (%s)",
                         span, done.bad_version, live, previous, done.restored_version, rollback_tolerance, done.server)
         report.update(rolled_back=True, rolled_back_version=done.bad_version,
-                      restored_version=done.restored_version, serving_version=done.restored_version)
+                      restored_version=done.restored_version, serving_version=done.restored_version,
+                      stable_version=done.restored_version, deployed_previous_version=None)
     return report
+
+
+def resolved_deployment(state: DeploymentState, report: dict) -> Optional[Deployment]:
+    """The deployment a guard report says the run acts on (None: nothing deployed)."""
+    stable, previous = report.get("stable_version"), report.get("deployed_previous_version")
+    if stable is None:
+        return None
+    labels = {STABLE: stable, **({PREVIOUS: previous} if previous is not None else {})}
+    return Deployment(state.model_name, state.base_path, sorted(set(labels.values()), reverse=True), labels)
 
 
 @component
@@ -174,18 +182,16 @@ def DeploymentGuard(
     schema: InputArtifact[standard_artifacts.Schema],
     serving_model: OutputArtifact[standard_artifacts.Model],
     live_evaluation: OutputArtifact[LiveEvaluation],
-    models_config_path: Parameter[str],
+    serving_dir: Parameter[str],
     model_name: Parameter[str],
     serving_address: Parameter[str],
     rollback_tolerance: Parameter[float],
 ) -> None:
-    report = guard(examples, anomalies, os.path.join(schema.uri, "schema.pbtxt"), models_config_path, model_name,
-                   serving_address, rollback_tolerance)
-    deployment = model_config.read_deployment(models_config_path, model_name)
-    if deployment is not None and deployment.stable is not None:
-        stable_dir = version_dir(deployment.base_path, deployment.stable)
-        if stable_dir:
-            io_utils.copy_dir(stable_dir, os.path.join(serving_model.uri, "Format-Serving"))
+    state = DeploymentState(serving_dir, model_name, serving_address)
+    report = guard(examples, anomalies, os.path.join(schema.uri, "schema.pbtxt"), state, rollback_tolerance)
+    stable_dir = state.version_dir(report["stable_version"])
+    if stable_dir:
+        io_utils.copy_dir(stable_dir, os.path.join(serving_model.uri, "Format-Serving"))
 
     for key, value in report.items():
         if value is None:

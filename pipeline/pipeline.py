@@ -18,13 +18,13 @@ from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStr
 from tfx.proto import range_config_pb2
 from tfx.types import channel
 
+from components.deployment import DeploymentState
 from components.deployment_guard import DeploymentGuard
 from components.example_gen import SpanExampleGen
 from components.schema_curator import SchemaCurator
 from components.serving_pusher import ServingPusher
 from models import features as F
 from pipeline.config import IncrecConfig
-from serving import model_config
 
 CANDIDATE, BASELINE = "candidate", "baseline"
 SLICES = [tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[F.USER_IS_NEW])]
@@ -59,7 +59,7 @@ def eval_config(config: IncrecConfig, with_baseline: bool) -> tfma.EvalConfig:
 
 
 def has_serving_model(config: IncrecConfig) -> bool:
-    deployment = model_config.read_deployment(config.models_config_path, config.model_name)
+    deployment = DeploymentState(config.serving_dir, config.model_name).current()
     return deployment is not None and deployment.stable is not None
 
 
@@ -95,7 +95,7 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
     guard = DeploymentGuard(examples=example_gen.outputs["examples"],
                             anomalies=validator.outputs["anomalies"],
                             schema=schema,
-                            models_config_path=config.models_config_path,
+                            serving_dir=config.serving_dir,
                             model_name=config.model_name,
                             serving_address=config.serving_address,
                             rollback_tolerance=config.rollback_tolerance)
@@ -157,9 +157,9 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
     pusher = ServingPusher(
         model=trainer.outputs["model"],
         model_blessing=evaluator.outputs["blessing"],
+        live_evaluation=guard.outputs["live_evaluation"],
         model_name=config.model_name,
-        model_base_path=config.model_base_path,
-        models_config_path=config.models_config_path,
+        serving_dir=config.serving_dir,
         keep_versions=config.keep_versions,
         serving_address=config.serving_address,
         force=int(config.force_push),

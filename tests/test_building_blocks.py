@@ -8,7 +8,6 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
 from components.schema_curator import curate
-from components.serving_pusher import next_version, prune, publish
 from models import replay, vocabulary, warm_start
 from models.metrics import auc
 from serving import model_config
@@ -93,21 +92,6 @@ def test_curated_schema_requires_ids_and_relaxes_drifting_constraints():
         curate(schema)
 
 
-def test_publish_is_atomic_strictly_increasing_and_prune_spares_labelled(tmp_path):
-    source = tmp_path / "model"
-    tf.saved_model.save(tf.Module(), str(source))
-    base = tmp_path / "serving" / "m"
-    versions = [publish(str(source), str(base)) for _ in range(4)]
-    assert versions == sorted(set(versions)) and len(versions) == 4
-    assert next_version(str(base)) == versions[-1] + 1
-    assert not [p for p in base.iterdir() if not p.name.isdigit()], "no staging directory left behind"
-    removed = prune(str(base), keep=2, protected=[versions[0], versions[3]])
-    assert removed == [versions[1], versions[2]]
-    assert model_config.version_dirs(str(base)) == [versions[0], versions[3]]
-    with pytest.raises(ValueError, match="saved_model.pb is missing"):
-        publish(str(tmp_path), str(base))
-
-
 def test_models_config_promote_keeps_the_previous_version(tmp_path):
     path = str(tmp_path / "models.config")
     model_config.promote(path, "m", str(tmp_path / "m"), 10)
@@ -118,30 +102,3 @@ def test_models_config_promote_keeps_the_previous_version(tmp_path):
     (tmp_path / "bad.config").write_text("model_config_list { nonsense")
     with pytest.raises(ValueError, match="bad.config"):
         model_config.read_config(str(tmp_path / "bad.config"))
-
-
-def test_a_work_directory_on_a_remote_file_system_keeps_its_urls(tmp_path):
-    """Pushes, models.config and history on TensorFlow's ram:// file system, which stands in for gs:// offline."""
-    from pipeline.config import IncrecConfig
-    from pipeline.local_runner import append_history, read_history, run_span
-
-    config = IncrecConfig(data_dir="ram://increc-data", work_dir="ram://increc-work")
-    assert config.work_dir == "ram://increc-work", "a URL must not become <cwd>/ram:/..."
-    assert config.models_config_path == "ram://increc-work/serving/models.config"
-    model = tmp_path / "model"
-    tf.saved_model.save(tf.Module(), str(model))
-    pushed = []
-    for _ in range(3):
-        pushed.append(publish(str(model), config.model_base_path))
-        model_config.promote(config.models_config_path, config.model_name, config.model_base_path, pushed[-1])
-    assert model_config.version_dirs(config.model_base_path) == pushed
-    deployment = model_config.read_deployment(config.models_config_path, config.model_name)
-    assert (deployment.stable, deployment.previous) == (pushed[2], pushed[1])
-    assert deployment.base_path == "ram://increc-work/serving/increc"
-    assert prune(config.model_base_path, 2, [pushed[2], pushed[1]]) == [pushed[0]]
-    for span in (1, 2):
-        append_history(config, {"span": span, "status": "ok"})
-    assert [r["span"] for r in read_history(config.work_dir)] == [1, 2]
-    # sqlite cannot live on a remote file system: the local runner says so before doing anything.
-    with pytest.raises(ValueError, match="must be local"):
-        run_span(config, 1)
