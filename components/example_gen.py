@@ -43,7 +43,7 @@ from tfx.dsl.components.base import base_beam_component, base_beam_executor, exe
 from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils, component_spec, standard_artifacts
 
-from components import csv_reader
+from components import csv_reader, timestamps
 from models import features as F
 
 REQUIRED_COLUMNS = (F.USER_ID, F.ITEM_ID, F.TIMESTAMP, F.LABEL)
@@ -134,9 +134,15 @@ def check_interaction(fields: List[str], at: Tuple[int, int, int, int]) -> str:
     if not fields[item].strip():
         return f"empty {F.ITEM_ID}"
     try:
-        int(fields[timestamp])
+        seconds = int(fields[timestamp])
     except ValueError:
         return f"timestamp {fields[timestamp]!r} is not an integer (Unix seconds)"
+    if seconds < 0:
+        return f"timestamp {seconds} is negative; timestamps are seconds since 1970-01-01 UTC"
+    if seconds >= timestamps.LATEST:
+        unit = timestamps.Timestamps().unit_of(seconds)
+        hint = f"it looks like {timestamps.UNITS[unit]}" if unit else "it is past 2100"
+        return f"timestamp {seconds}: {hint}; spans hold seconds (increc prepare converts other units)"
     if fields[label].strip() not in ("0", "1"):
         return f"label {fields[label]!r} is not 0 or 1"
     return ""
@@ -183,17 +189,18 @@ def _checked_batch(span_file: SpanFile, lines: List[int], rows: List[List[str]],
     ok = np.ones(len(rows), bool)
     for name in (F.USER_ID, F.ITEM_ID):
         ok &= pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(columns[name])), 0).to_numpy(zero_copy_only=False)
-    timestamps, parsed = _integers(columns[F.TIMESTAMP])
+    seconds, parsed = _integers(columns[F.TIMESTAMP])
     label = pc.utf8_trim_whitespace(columns[F.LABEL])
-    ok &= parsed & pc.is_in(label, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
+    ok &= parsed & (seconds >= 0) & (seconds < timestamps.LATEST)
+    ok &= pc.is_in(label, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
     labels = pc.equal(label, "1").to_numpy(zero_copy_only=False).astype(np.int64)
     if not ok.all():
         at = tuple(span_file.column(c) for c in REQUIRED_COLUMNS)
         bad = sorted(bad + [(lines[i], check_interaction(rows[i], at)) for i in np.flatnonzero(~ok)])
         keep = pa.array(ok)
         columns = {name: column.filter(keep) for name, column in columns.items()}
-        timestamps, labels = timestamps[ok], labels[ok]
-    return RowBatch(np.array(lines, np.int64)[ok] if rows else np.zeros(0, np.int64), columns, timestamps,
+        seconds, labels = seconds[ok], labels[ok]
+    return RowBatch(np.array(lines, np.int64)[ok] if rows else np.zeros(0, np.int64), columns, seconds,
                     labels, bad)
 
 
@@ -283,8 +290,8 @@ class Survey:
         return self
 
 
-def _count_seconds(timestamps: np.ndarray, weights: Optional[np.ndarray] = None):
-    seconds, inverse = np.unique(timestamps, return_inverse=True)
+def _count_seconds(values: np.ndarray, weights: Optional[np.ndarray] = None):
+    seconds, inverse = np.unique(values, return_inverse=True)
     counts = np.bincount(inverse, weights=weights, minlength=len(seconds)) if len(seconds) else np.zeros(0)
     return seconds, counts.astype(np.int64)
 
@@ -476,10 +483,10 @@ class _EncodeRange(beam.DoFn):
         for key, table in self._tables.items():
             for column, values in table.lookup(pc.utf8_trim_whitespace(raw[key])).items():
                 raw.setdefault(column, values)
-        timestamps = batch.timestamps
+        seconds = batch.timestamps
         arrays = [_single(pc.utf8_trim_whitespace(raw[F.USER_ID]), pa.large_binary()),
                   _single(pc.utf8_trim_whitespace(raw[F.ITEM_ID]), pa.large_binary()),
-                  _single(pa.array(timestamps), pa.int64()), _single(pa.array(batch.labels), pa.int64())]
+                  _single(pa.array(seconds), pa.int64()), _single(pa.array(batch.labels), pa.int64())]
         names = [F.USER_ID, F.ITEM_ID, F.TIMESTAMP, F.LABEL]
         for column in sorted(kinds):
             # A column of another file of the span, or of a side table without this key: empty here.
@@ -489,8 +496,8 @@ class _EncodeRange(beam.DoFn):
         is_eval = np.zeros(len(batch), bool)
         if cut.second is not None:
             # Rows newer than the cut second, and the cut second's rows beyond those that stay in train.
-            tie = timestamps == cut.second
-            is_eval = (timestamps > cut.second) | (tie & (np.cumsum(tie) > ties_to_train))
+            tie = seconds == cut.second
+            is_eval = (seconds > cut.second) | (tie & (np.cumsum(tie) > ties_to_train))
         return pa.RecordBatch.from_arrays(arrays, names), is_eval
 
 

@@ -218,3 +218,12 @@ def test_statistics_are_what_tfdv_computes_from_the_written_examples(span_dir, t
                 assert mine.string_stats.common_stats.num_non_missing == \
                     feature.string_stats.common_stats.num_non_missing, name
                 assert mine.string_stats.unique == feature.string_stats.unique, name
+
+
+def test_timestamps_in_another_unit_are_bad_rows_that_say_so(span_dir, tmp_path):
+    _write(span_dir / "span-1" / "c.csv", HEADER, [["u1", "i1", "1600000000000", "1", "", "", ""],
+                                                  ["u1", "i1", "-5", "1", "", "", ""]])
+    with pytest.raises(Exception) as error:
+        run_executor(span_dir, tmp_path / "out", budget=0.001)
+    assert "c.csv, line 2: timestamp 1600000000000: it looks like milliseconds" in str(error.value)
+    assert "c.csv, line 3: timestamp -5 is negative" in str(error.value)
