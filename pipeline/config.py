@@ -3,15 +3,37 @@
 Defaults serve the bundled demo (MovieTweetings 100K cut into 10 spans) on a
 2-core machine. Paths are resolved against the work directory, and nothing is
 written outside it.
+
+Every field is checked for its type and range when the object is made
+(`check_value`), so a typo in a flag, a `--config` file or `WORK/config.json`
+stops a command before anything runs, with a message that names the key.
+This module imports nothing heavy: the CLI validates before TensorFlow loads.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any, Dict, List, Optional
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 MODES = ("incremental", "full")
+OPTIMIZERS = ("adagrad", "adam")  # what models/ranking_model.build knows
+PER_RUN = ("mode", "force_push", "flip_train_labels")  # one-off switches: never saved with a deployment
+LARGEST_INT = 2**31 - 1  # TensorFlow takes most of these as int32
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key and, where there is one, its source.
+
+    `key` and `problem` ("must be an integer >= 1, got -1") let a caller say where the value came from.
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None, problem: Optional[str] = None):
+        super().__init__(message)
+        self.key, self.problem = key, problem
 
 
 def is_remote(path: str) -> bool:
@@ -81,16 +103,9 @@ class IncrecConfig:
     beam_args: Optional[List[str]] = None
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not 0 <= self.bad_row_budget < 1:
-            raise ValueError("bad_row_budget must be a fraction in [0, 1)")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError("eval_fraction must be in (0, 1)")
-        if self.replay_fraction < 0:
-            raise ValueError("replay_fraction must be >= 0")
-        if not 0 <= self.distillation_weight < 1:
-            raise ValueError("distillation_weight must be in [0, 1)")
+        # Every field, its type and its range (ConfigError names the key); ints for floats become floats.
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, check_value(field.name, getattr(self, field.name)))
         self.data_dir = resolve_path(self.data_dir)
         self.work_dir = resolve_path(self.work_dir)
 
@@ -178,3 +193,220 @@ class IncrecConfig:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def saved_settings(self) -> Dict[str, Any]:
+        """What `WORK/config.json` keeps: every field but the work directory (where the file is) and PER_RUN."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "work_dir" and k not in PER_RUN}
+
+
+def defaults() -> Dict[str, Any]:
+    """Every field's default (data_dir and work_dir have none)."""
+    out = {}
+    for field in dataclasses.fields(IncrecConfig):
+        if field.default is not dataclasses.MISSING:
+            out[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[field.name] = field.default_factory()  # type: ignore[misc]
+    return out
+
+
+def field_names() -> List[str]:
+    return [field.name for field in dataclasses.fields(IncrecConfig)]
+
+
+# --- checking values ---
+
+def shown(value: Any) -> str:
+    """A value as JSON would write it (strings quoted), shortened."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A field's type (`kind`, which also says how `--set` text is parsed) and what its values must satisfy."""
+
+    kind: str  # int, number, bool, str, optional_str, int_list, str_list, optional_str_list
+    expected: str  # "an integer >= 1": completes "<key> must be ..."
+    ok: Callable[[Any], bool] = lambda value: True
+
+
+def _int(low: int, high: int = LARGEST_INT) -> Rule:
+    expected = f"an integer >= {low}" if high == LARGEST_INT else f"an integer from {low} to {high}"
+    return Rule("int", expected, lambda v: low <= v <= high)
+
+
+def _number(expected: str, ok: Callable[[float], bool]) -> Rule:
+    return Rule("number", f"a number {expected}", ok)
+
+
+def _choice(options: Tuple[str, ...]) -> Rule:
+    return Rule("str", "one of " + ", ".join(options), lambda v: v in options)
+
+
+def _address(value: str) -> bool:
+    """host:port (TF Serving's gRPC address), unix:PATH, or empty for "no server"."""
+    if value == "" or value.startswith("unix:"):
+        return True
+    host, _, port = value.rpartition(":")
+    return bool(host.strip("[]")) and port.isdigit() and 1 <= int(port) <= 65535
+
+
+FRACTION = _number("in [0, 1)", lambda v: 0 <= v < 1)
+UNIT = _number("in [0, 1]", lambda v: 0 <= v <= 1)
+PATH = Rule("str", "a non-empty path", lambda v: v.strip() != "")
+
+RULES: Dict[str, Rule] = {
+    "data_dir": PATH,
+    "work_dir": PATH,
+    "model_name": Rule("str", "a name of letters, digits, '.', '_' and '-' (TF Serving's model name and a "
+                              "directory name)", lambda v: MODEL_NAME.fullmatch(v) is not None),
+    "mode": _choice(MODES),
+    "bad_row_budget": FRACTION,
+    "eval_fraction": _number("in (0, 1)", lambda v: 0 < v < 1),
+    "max_eval_rows": _int(1),
+    "embedding_dim": _int(1),
+    "side_embedding_dim": _int(1),
+    "oov_buckets": _int(1),
+    "cross_layers": _int(0),
+    "deep_layers": Rule("int_list", "a list of layer widths, each an integer >= 1",
+                        lambda v: all(1 <= w <= LARGEST_INT for w in v)),
+    "id_bias": Rule("bool", "true or false"),
+    "side_features": Rule("bool", "true or false"),
+    "ignored_features": Rule("str_list", "a list of feature names", lambda v: all(n.strip() for n in v)),
+    "learning_rate": _number("> 0", lambda v: v > 0),
+    "optimizer": _choice(OPTIMIZERS),
+    "batch_size": _int(1),
+    "max_steps_per_epoch": _int(0),
+    "epochs": _int(1),
+    "replay_fraction": _number(">= 0", lambda v: v >= 0),
+    "replay_capacity": _int(0),
+    "distillation_weight": FRACTION,
+    "seed": _int(0),
+    "auc_tolerance": UNIT,
+    "min_auc": UNIT,
+    "rollback_tolerance": UNIT,
+    "keep_versions": _int(1),
+    "serving_address": Rule("str", "host:port (or empty for no server)", _address),
+    "force_push": Rule("bool", "true or false"),
+    "flip_train_labels": Rule("bool", "true or false"),
+    "metadata": Rule("optional_str", "a local file path or null", lambda v: v is None or v.strip() != ""),
+    "beam_args": Rule("optional_str_list", "a list of Beam pipeline options or null"),
+}
+
+
+def _typed(kind: str, value: Any) -> Tuple[bool, Any]:
+    """(whether value has the kind's JSON type, the value normalised: ints become floats for numbers)."""
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind == "number":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, value
+        return math.isfinite(value), float(value)
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if kind == "str":
+        return isinstance(value, str), value
+    if kind == "optional_str":
+        return value is None or isinstance(value, str), value
+    if kind == "int_list":
+        return (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
+                value)
+    if kind == "str_list":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value), value
+    if kind == "optional_str_list":
+        return value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)), value
+    raise AssertionError(kind)
+
+
+def check_value(key: str, value: Any) -> Any:
+    """The value, normalised, if it suits the field; else ConfigError '<key> must be <expected>, got <value>'."""
+    rule = RULES.get(key)
+    if rule is None:
+        raise ConfigError(f"unknown key {key!r}", key, "is not a setting")
+    typed, normalised = _typed(rule.kind, value)
+    if not typed or not rule.ok(normalised):
+        problem = f"must be {rule.expected}, got {shown(value)}"
+        raise ConfigError(f"{key} {problem}", key, problem)
+    return normalised
+
+
+def parse_text(key: str, text: str) -> Any:
+    """A value typed on the command line (`increc config --set key=value`) as the field's type.
+
+    Text that does not parse is returned as it is, for check_value to refuse by name.
+    """
+    kind = RULES[key].kind
+    stripped = text.strip()
+    if kind == "int":
+        return int(stripped) if re.fullmatch(r"[+-]?\d+", stripped) else text
+    if kind == "number":
+        try:
+            return float(stripped)
+        except ValueError:
+            return text
+    if kind == "bool":
+        return {"true": True, "yes": True, "on": True, "1": True,
+                "false": False, "no": False, "off": False, "0": False}.get(stripped.lower(), text)
+    if kind in ("optional_str", "optional_str_list") and stripped.lower() in ("", "null", "none"):
+        return None
+    if kind.endswith("list"):
+        if stripped.startswith("["):
+            try:
+                return json.loads(stripped)
+            except ValueError:
+                return text
+        items = [item.strip() for item in stripped.split(",")] if stripped else []
+        if kind == "int_list":
+            return [int(i) if re.fullmatch(r"[+-]?\d+", i) else i for i in items]
+        return items
+    return text
+
+
+def check_values(values: Dict[str, Any], where: str, forbidden: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Checks a layer of settings (a --config file, WORK/config.json): known keys, each value's type and range.
+
+    `where` names the source in every message ("--config run.json: epochs must be ..."); `forbidden`
+    maps keys this source may not set to the reason.
+    """
+    known = field_names()
+    out = {}
+    for key, value in values.items():
+        if key in (forbidden or {}):
+            raise ConfigError(f"{where}: {key} {forbidden[key]}", key)
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} ({suggest(key, known)})", key)
+        try:
+            out[key] = check_value(key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}", key, e.problem) from None
+    return out
+
+
+def suggest(key: str, known: List[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(sorted(known))}"
+
+
+def parse_json_object(text: str, where: str) -> Dict[str, Any]:
+    """A JSON object of settings; ConfigError naming `where`, the line and column when it is not one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not JSON (nested too deeply)") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: must hold a JSON object of settings ({{\"epochs\": 2, ...}}), "
+                          f"not {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
