@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 from pipeline import files
 from pipeline.config import IncrecConfig, is_remote
@@ -26,14 +26,26 @@ class SpanRunError(RuntimeError):
         self.record = record
 
 
+class WorkBusyError(RuntimeError):
+    """Another process holds the work directory's lock."""
+
+
+_held_locks: Set[str] = set()  # work directories whose lock this process holds
+
+
 @contextlib.contextmanager
 def work_lock(work_dir: str):
     """One run at a time per work directory (a second one would race on versions and vocabularies).
 
+    Re-entrant within a process: the CLI takes the lock before it saves the
+    deployment's settings and holds it across a whole backfill, and each
+    span's run_span takes it again without waiting on itself.
+
     A file lock needs a local work directory; on a remote one (gs://...) the
     scheduler that starts the runs (Kubeflow, cron) keeps them one at a time.
     """
-    if is_remote(work_dir):
+    key = work_dir if is_remote(work_dir) else os.path.realpath(work_dir)
+    if is_remote(work_dir) or key in _held_locks:
         yield
         return
     os.makedirs(work_dir, exist_ok=True)
@@ -41,8 +53,12 @@ def work_lock(work_dir: str):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another increc run holds {work_dir}; wait for it to finish") from None
-        yield
+            raise WorkBusyError(f"another increc command holds {work_dir}; wait for it to finish") from None
+        _held_locks.add(key)
+        try:
+            yield
+        finally:
+            _held_locks.discard(key)
 
 
 def append_history(config: IncrecConfig, record: Dict[str, Any]) -> None:
