@@ -23,6 +23,12 @@ out.
 
 Malformed input is never dropped silently: it raises `IngestError` naming the
 file, the 1-based line and, where there is one, the column.
+
+Timestamps are seconds since 1970-01-01 UTC from 1990 to 2100
+(components/timestamps.py). A log in milliseconds, microseconds or
+nanoseconds is recognised from its first value and divided down to seconds,
+with a note; a value in another unit, a negative one, one before 1990 (unless
+`allow_old_timestamps`) or one past 2100 is refused.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ import tensorflow as tf
 from components import csv_reader, synthetic
 from components import history as H
 from components.history import HISTORY_COLUMNS
+from components.timestamps import UNITS, Timestamps
 
 FORMATS = ("csv", "movielens", "movielens-100k", "movielens-1m", "movietweetings", "synthetic")
 DEFAULT_THRESHOLDS = {"movielens": 4.0, "movielens-100k": 4.0, "movielens-1m": 4.0, "movietweetings": 8.0,
@@ -447,9 +454,12 @@ class CsvSpec:
     extra: List[str]
     last_timestamp: Optional[int] = None  # an appended batch may not go back before this second
     last_where: str = ""  # where that second is (for the error message)
+    timestamps: Timestamps = Timestamps()
+    unit: int = 1  # the timestamp column's unit in seconds (1000: milliseconds), from its first value
+    unit_line: Optional[int] = None  # the line of that first value
 
 
-def _csv_spec(input_path: str, threshold: Optional[float]) -> CsvSpec:
+def _csv_spec(input_path: str, threshold: Optional[float], timestamps: Timestamps) -> CsvSpec:
     _, path = _locate(input_path, ["interactions.csv"])
     try:
         header = csv_reader.read_header(path, ("user_id", "item_id", "timestamp"))
@@ -458,11 +468,54 @@ def _csv_spec(input_path: str, threshold: Optional[float]) -> CsvSpec:
     columns = header.columns
     if "label" not in columns and "rating" not in columns:
         raise IngestError(f"{path}, line 1: needs a 'label' (0/1) or a 'rating' column")
+    if "label" in columns and threshold is not None:
+        # The label column is what the pipeline learns from; a threshold would be recorded but never applied.
+        raise IngestError(f"{path}, line 1: has a 'label' column already; --label-threshold turns ratings into "
+                          f"labels, so leave it out")
     if "label" not in columns and threshold is None:
         raise IngestError(f"{path}: has ratings but no labels; pass --label-threshold")
     # The rating is left out of the features: it would give the label away.
     extra = [c for c in columns if c not in ("user_id", "item_id", "timestamp", "label", "rating")]
-    return CsvSpec(path, header, threshold, extra)
+    spec = CsvSpec(path, header, threshold, extra, timestamps=timestamps)
+    first = _first_timestamp(header)
+    if first is not None:
+        spec.unit_line, value = first
+        spec.unit = timestamps.unit_of(value) or 1
+    return spec
+
+
+def _first_timestamp(header: csv_reader.Header) -> Optional[Tuple[int, int]]:
+    """(line, value) of the first integer timestamp in a CSV: it sets the column's unit."""
+    size = tf.io.gfile.stat(header.path).length
+    probe = csv_reader.ByteRange(header.path, 0, header.data_start, min(size, header.data_start + (1 << 16)))
+    at = header.columns.index("timestamp")
+    try:
+        for line, fields, _ in csv_reader.read_range(header, probe):
+            if fields is not None and INTEGER.fullmatch(fields[at].strip()):
+                return line, int(fields[at])
+    except csv_reader.CsvError:
+        pass  # the pipeline's pass names the bad line
+    return None
+
+
+def _seconds(timestamps: Timestamps, value: str, unit: int, unit_line: Optional[int], path: str, line: int) -> str:
+    """A checked integer timestamp in the column's unit, as seconds; IngestError naming file, line and column."""
+    problem = timestamps.problem(int(value), unit, unit_line)
+    if problem:
+        raise IngestError(f"{path}, line {line}, column timestamp: {problem}")
+    return str(timestamps.seconds(int(value), unit))
+
+
+def _convert_timestamps(log: RawLog, timestamps: Timestamps) -> int:
+    """Checks an in-memory log's timestamps and turns them into seconds; returns the column's unit."""
+    rows = log.interactions.rows
+    if not rows:
+        return 1
+    line_of = (lambda i: log.lines[i]) if log.lines else (lambda i: i + 1)
+    unit = timestamps.unit_of(int(rows[0][2])) or 1
+    for i, row in enumerate(rows):
+        row[2] = _seconds(timestamps, row[2], unit, line_of(0), log.path, line_of(i))
+    return unit
 
 
 def _spread(pcoll, spread: bool):
@@ -501,6 +554,7 @@ def _parse_record(spec: CsvSpec, index: Dict[str, int], line: int, fields: List[
     outcome = _rating(fields[index["rating"]], path, line) if "rating" in index else float(label)
     row = _interaction(path, line, fields[index["user_id"]], fields[index["item_id"]],
                        fields[index["timestamp"]], label)
+    row[2] = _seconds(spec.timestamps, row[2], spec.unit, spec.unit_line, path, line)
     if spec.last_timestamp is not None and int(row[2]) < spec.last_timestamp:
         raise IngestError(f"{path}, line {line}, column timestamp: {row[2]} is earlier than {spec.last_timestamp}, "
                           f"the last timestamp already in {spec.last_where}; a batch may only add later rows")
@@ -871,13 +925,14 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
             history: bool = True, append: bool = False, synthetic_spec: Optional[synthetic.Spec] = None,
             beam_args: Sequence[str] = (), progress: Optional[Callable[[str], None]] = None,
             part_rows: int = PART_ROWS, rows_per_run: Optional[int] = ROWS_PER_RUN,
-            range_bytes: int = csv_reader.DEFAULT_RANGE_BYTES) -> dict:
+            range_bytes: int = csv_reader.DEFAULT_RANGE_BYTES, allow_old_timestamps: bool = False) -> dict:
     """Reads a raw log and writes spans, side tables, the history snapshot and manifest.json under out_dir.
 
     Returns the manifest. With `append`, the log becomes the next span(s) after
     the last one in out_dir. With `history`, every interaction also gets
     HISTORY_COLUMNS (components/history.py). `beam_args` are Beam pipeline
-    options (the DirectRunner by default).
+    options (the DirectRunner by default). Timestamps before 1990 are refused
+    unless `allow_old_timestamps` (components/timestamps.py).
     """
     say = progress or (lambda message: None)
     if fmt not in FORMATS:
@@ -890,6 +945,9 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
         raise IngestError(f"--span-by must be day or hour, got {span_by!r}")
     if spans is not None and spans < 1:
         raise IngestError(f"--spans must be at least 1, got {spans}")
+    if label_threshold is not None and not math.isfinite(label_threshold):
+        raise IngestError(f"--label-threshold must be a finite number, got {label_threshold}")
+    timestamps = Timestamps(allow_old=allow_old_timestamps)
     existing = _existing(out_dir, append, overwrite, history)
     threshold = label_threshold if label_threshold is not None else DEFAULT_THRESHOLDS.get(fmt)
     threshold = None if threshold is None else float(threshold)
@@ -907,15 +965,18 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
     tables: Dict[str, Callable[[str], None]] = {}  # side table name -> writes it to a path
     csv_spec: Optional[CsvSpec] = None
     if fmt == "synthetic":
-        spec = _synthetic_spec(synthetic_spec, threshold, last, last_where)
+        spec = _synthetic_spec(synthetic_spec, threshold, last, last_where, timestamps)
         say(synthetic.describe(spec))
         source, extra = _synthetic_source(spec), []
         ingest.update(source="synthetic", synthetic=dataclasses.asdict(spec))
         for name in SIDE_TABLES:
             tables[name] = lambda path, name=name: synthetic.write_table(spec, name, path, opener=tf.io.gfile.GFile)
     elif fmt == "csv":
-        csv_spec = _csv_spec(input_path, threshold)
+        csv_spec = _csv_spec(input_path, threshold, timestamps)
         csv_spec.last_timestamp, csv_spec.last_where = last, last_where
+        if csv_spec.unit != 1:
+            say(timestamps.note(csv_spec.path, csv_spec.unit))
+            ingest["timestamp_unit"] = UNITS[csv_spec.unit]
         source, extra = None, csv_spec.extra
         directory = os.path.dirname(csv_spec.path) or "."
         for name, key in (("items.csv", "item_id"), ("users.csv", "user_id")):
@@ -927,6 +988,10 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
         log = READERS[fmt](input_path, threshold)
         if not log.interactions.rows:
             raise IngestError(f"{input_path}: no interactions")
+        unit = _convert_timestamps(log, timestamps)
+        if unit != 1:
+            say(timestamps.note(log.path, unit))
+            ingest["timestamp_unit"] = UNITS[unit]
         _check_not_late(log, last, last_where)
         source, extra = _memory_source(log), list(log.interactions.columns[len(INTERACTION_COLUMNS):])
         for name, table in (("items.csv", log.items), ("users.csv", log.users)):
@@ -969,14 +1034,20 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
     return manifest
 
 
-def _synthetic_spec(given: Optional[synthetic.Spec], threshold: float, last: Optional[int], where: str):
+def _synthetic_spec(given: Optional[synthetic.Spec], threshold: float, last: Optional[int], where: str,
+                    timestamps: Timestamps = Timestamps()):
     spec = dataclasses.replace(given or synthetic.Spec(), label_threshold=threshold)
     if spec.start is None:  # an appended log carries on where the data directory ends
         spec = dataclasses.replace(spec, start=last if last is not None else synthetic.DEFAULT_START)
+    if not math.isfinite(spec.days):
+        raise IngestError(f"--days must be a finite number of days, got {spec.days}")
     try:
         spec.check()
     except synthetic.SpecError as e:
         raise IngestError(str(e)) from None
+    problem = timestamps.span_problem("--start", spec.start, spec.start + spec.duration)
+    if problem:
+        raise IngestError(problem)
     if last is not None and spec.start < last:
         raise IngestError(f"--start {spec.start} is earlier than {last}, the last timestamp already in {where}")
     return spec

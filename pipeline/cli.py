@@ -200,7 +200,7 @@ def cmd_prepare(args) -> int:
     manifest = ingest.prepare(args.format, args.input, args.out, spans=args.spans, span_by=args.span_by,
                               label_threshold=args.label_threshold, overwrite=args.overwrite,
                               history=args.history, append=args.append, synthetic_spec=spec,
-                              beam_args=args.beam_args,
+                              beam_args=args.beam_args, allow_old_timestamps=args.allow_old_timestamps,
                               progress=lambda line: print(line, file=sys.stderr, flush=True))
     first, last = manifest["ingests"][-1]["spans"]
     added = [s for s in manifest["spans"] if first <= s["span"] <= last]
@@ -434,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not add user_history, user_history_mean, item_history, item_history_mean")
     p.add_argument("--beam-arg", action="append", default=[], dest="beam_args", metavar="ARG",
                    help="a Beam pipeline option, e.g. --beam-arg=--runner=FlinkRunner (repeatable)")
+    p.add_argument("--allow-old-timestamps", action="store_true", dest="allow_old_timestamps",
+                   help="accept timestamps from 1970 on (by default they must fall in 1990-2100)")
     synthetic_log = p.add_argument_group("--format synthetic")
     synthetic_log.add_argument("--rows", type=int, default=1_000_000)
     synthetic_log.add_argument("--users", type=int, default=60_000)

@@ -215,29 +215,32 @@ def test_append_leaves_earlier_spans_untouched_and_refuses_late_rows(tmp_path):
         ["history", "manifest.json", "span-1", "span-2", "span-3"]), "nothing left behind"
 
 
+TOY = {"allow_old_timestamps": True}  # the toy logs below count seconds from 1970 (10, 20, 30)
+
+
 def test_append_refuses_what_does_not_fit(tmp_path):
     good = _write_batch(tmp_path / "good", "user_id,item_id,timestamp,label\n", ["u,i,10,1\n", "v,i,20,0\n"])
     with pytest.raises(ingest.IngestError, match="no spans and manifest.json to append to"):
-        ingest.prepare("csv", str(good), str(tmp_path / "empty"), spans=1, append=True)
+        ingest.prepare("csv", str(good), str(tmp_path / "empty"), spans=1, append=True, **TOY)
     data = tmp_path / "data"
-    ingest.prepare("csv", str(good), str(data), spans=1)
+    ingest.prepare("csv", str(good), str(data), spans=1, **TOY)
     other = _write_batch(tmp_path / "other", "user_id,item_id,timestamp,label,device\n", ["u,i,30,1,web\n"])
     with pytest.raises(ingest.IngestError, match=r"its columns .* differ from those of the spans"):
-        ingest.prepare("csv", str(other), str(data), spans=1, append=True)
+        ingest.prepare("csv", str(other), str(data), spans=1, append=True, **TOY)
     with pytest.raises(ingest.IngestError, match="prepared with history features; append the same way"):
-        ingest.prepare("csv", str(good), str(data), spans=1, append=True, history=False)
+        ingest.prepare("csv", str(good), str(data), spans=1, append=True, history=False, **TOY)
     rated = _write_batch(tmp_path / "rated", "user_id,item_id,timestamp,rating\n", ["u,i,30,4\n"])
-    ingest.prepare("csv", str(rated), str(data), spans=1, append=True, label_threshold=4)
+    ingest.prepare("csv", str(rated), str(data), spans=1, append=True, label_threshold=4, **TOY)
     with pytest.raises(ingest.IngestError, match=r"prepared with --label-threshold 4; this batch would use 3"):
-        ingest.prepare("csv", str(rated), str(data), spans=1, append=True, label_threshold=3)
+        ingest.prepare("csv", str(rated), str(data), spans=1, append=True, label_threshold=3, **TOY)
     shutil.rmtree(data / "history" / "after-span-2")
     with pytest.raises(ingest.IngestError, match="no history snapshot after span 2"):
-        ingest.prepare("csv", str(rated), str(data), spans=1, append=True, label_threshold=4)
+        ingest.prepare("csv", str(rated), str(data), spans=1, append=True, label_threshold=4, **TOY)
     # Without history features the spans still only move forward in time.
-    ingest.prepare("csv", str(good), str(tmp_path / "plain"), spans=1, history=False)
+    ingest.prepare("csv", str(good), str(tmp_path / "plain"), spans=1, history=False, **TOY)
     late = _write_batch(tmp_path / "late", "user_id,item_id,timestamp,label\n", ["u,i,19,1\n"])
     with pytest.raises(ingest.IngestError, match=r"line 2, column timestamp: 19 is earlier than 20"):
-        ingest.prepare("csv", str(late), str(tmp_path / "plain"), spans=1, append=True, history=False)
+        ingest.prepare("csv", str(late), str(tmp_path / "plain"), spans=1, append=True, history=False, **TOY)
 
 
 # --- the state ---

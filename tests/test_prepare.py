@@ -16,6 +16,11 @@ from components import history, ingest
 from tests.conftest import increc
 
 
+def prepare(*args, **kwargs):
+    """ingest.prepare on these tests' toy logs, whose seconds count from 1970 (1, 2, 86400, ...)."""
+    return ingest.prepare(*args, allow_old_timestamps=True, **kwargs)
+
+
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +67,7 @@ def test_movietweetings_keeps_leading_zeros_labels_at_8_and_no_twitter_ids(tmp_p
                               "0000001::Odd (2013)\n")
     write(src / "users.dat", "1::177651718\n2::555000111\n3::123456789\n")
     out = tmp_path / "out"
-    manifest = ingest.prepare("movietweetings", str(src), str(out), spans=2)
+    manifest = prepare("movietweetings", str(src), str(out), spans=2)
 
     spans = assert_ordered_and_complete(out, [("2", "0104257", "100"), ("1", "1074638", "200"),
                                               ("1", "0104257", "300"), ("3", "0000001", "400")])
@@ -96,7 +101,7 @@ def test_movietweetings_keeps_leading_zeros_labels_at_8_and_no_twitter_ids(tmp_p
 def test_movietweetings_accepts_the_ratings_file_and_a_threshold_override(tmp_path):
     src = tmp_path / "mt"
     write(src / "ratings.dat", "1::0000042::6::10\n2::0000042::5::20\n")
-    manifest = ingest.prepare("movietweetings", str(src / "ratings.dat"), str(tmp_path / "out"), spans=1,
+    manifest = prepare("movietweetings", str(src / "ratings.dat"), str(tmp_path / "out"), spans=1,
                               label_threshold=6)
     spans = assert_ordered_and_complete(tmp_path / "out", [("1", "0000042", "10"), ("2", "0000042", "20")])
     assert [r["label"] for r in spans[1]] == ["1", "0"]
@@ -112,7 +117,7 @@ def test_movielens_latest_csv(tmp_path):
                               '10,"Heat, The (1995)",Action|Crime\n'
                               "20,Babylon 5,(no genres listed)\n"
                               "30,Superman/Doomsday (2007) ,Animation\n")
-    manifest = ingest.prepare("movielens", str(src), str(tmp_path / "out"), spans=2)
+    manifest = prepare("movielens", str(src), str(tmp_path / "out"), spans=2)
     spans = assert_ordered_and_complete(tmp_path / "out", [("1", "20", "40"), ("1", "10", "50"),
                                                            ("2", "10", "60"), ("2", "30", "70")])
     assert labels(spans) == {("1", "20"): "0", ("1", "10"): "1", ("2", "10"): "1", ("2", "30"): "0"}
@@ -135,7 +140,7 @@ def test_movielens_100k_genre_flags_title_year_and_users_without_zip(tmp_path):
                           f"6|Caf\xe9 \x85 Noir|||http://y|{unknown_only}\n", encoding="latin-1")
     write(src / "u.user", "1|24|M|technician|85711\n2|53|F|other|94043\n", encoding="latin-1")
     out = tmp_path / "out"
-    manifest = ingest.prepare("movielens-100k", str(src / "u.data"), str(out), spans=3)
+    manifest = prepare("movielens-100k", str(src / "u.data"), str(out), spans=3)
 
     spans = assert_ordered_and_complete(out, [("2", "5", "10"), ("2", "6", "20"), ("1", "5", "30")])
     assert labels(spans) == {("2", "5"): "0", ("2", "6"): "1", ("1", "5"): "1"}
@@ -156,7 +161,7 @@ def test_movielens_1m_latin1_users_and_occupation_names(tmp_path):
                               "661::Caf\xe9 Society (1996)::Animation|Children's\n", encoding="latin-1")
     write(src / "users.dat", "1::F::1::10::48067\n2::M::56::16::70072\n", encoding="latin-1")
     out = tmp_path / "out"
-    ingest.prepare("movielens-1m", str(src), str(out), spans=2)
+    prepare("movielens-1m", str(src), str(out), spans=2)
 
     spans = assert_ordered_and_complete(out, [("1", "1193", "978300760"), ("2", "1193", "978300761"),
                                               ("1", "661", "978302109")])
@@ -182,7 +187,7 @@ def test_generic_csv_keeps_features_quoting_ids_and_side_tables(tmp_path):
     write(src / "items.csv", 'item_id,genres,blurb\n007,A|B,"spy, British"\ni2,,\n')
     write(src / "users.csv", "country,user_id\nBE,u1\nFR,u2\n")
     out = tmp_path / "out"
-    manifest = ingest.prepare("csv", str(src / "interactions.csv"), str(out), spans=1, label_threshold=4)
+    manifest = prepare("csv", str(src / "interactions.csv"), str(out), spans=1, label_threshold=4)
 
     rows = read_spans(out)[1]
     assert list(rows[0]) == ["user_id", "item_id", "timestamp", "label", "device", "note", *ingest.HISTORY_COLUMNS]
@@ -199,7 +204,7 @@ def test_generic_csv_keeps_features_quoting_ids_and_side_tables(tmp_path):
 
 def test_generic_csv_with_labels_needs_no_threshold(tmp_path):
     src = write(tmp_path / "log.csv", "\ufeffuser_id,item_id,timestamp,label\nu,i,2,1\nv,i,1,0\n")
-    manifest = ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=2)
+    manifest = prepare("csv", str(src), str(tmp_path / "out"), spans=2)
     spans = assert_ordered_and_complete(tmp_path / "out", [("v", "i", "1"), ("u", "i", "2")])
     assert labels(spans) == {("v", "i"): "0", ("u", "i"): "1"}
     assert manifest["label_threshold"] is None and manifest["spans"][1]["positives"] == 1
@@ -212,7 +217,7 @@ def test_equal_size_spans_follow_array_split(tmp_path):
     rows = [(f"u{i}", f"i{i % 3}", str(1000 - i)) for i in range(23)]
     src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\n" +
                 "".join(f"{u},{it},{ts},{i % 2}\n" for i, (u, it, ts) in enumerate(rows)))
-    manifest = ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=4)
+    manifest = prepare("csv", str(src), str(tmp_path / "out"), spans=4)
     assert [s["rows"] for s in manifest["spans"]] == [6, 6, 6, 5]
     spans = assert_ordered_and_complete(tmp_path / "out", rows)
     assert [len(r) for r in spans.values()] == [6, 6, 6, 5]
@@ -226,7 +231,7 @@ def test_equal_timestamps_keep_source_order_across_a_cut(tmp_path):
     # timestamp's rows in file order, so the cut falls at a predictable row.
     lines = [f"u{i},i,{200 if i % 2 else 100},1\n" for i in range(60)]
     src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\n" + "".join(lines))
-    ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=3)
+    prepare("csv", str(src), str(tmp_path / "out"), spans=3)
     spans = read_spans(tmp_path / "out")
     order = [r["user_id"] for rows in spans.values() for r in rows]
     assert order == [f"u{i}" for i in range(0, 60, 2)] + [f"u{i}" for i in range(1, 60, 2)]
@@ -241,7 +246,7 @@ def test_equal_timestamps_keep_source_order_across_a_cut(tmp_path):
 def test_span_by_day_and_hour_boundaries(tmp_path, span_by, timestamps, expected):
     src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\n" +
                 "".join(f"u{i},x,{t},1\n" for i, t in enumerate(timestamps)))
-    manifest = ingest.prepare("csv", str(src), str(tmp_path / span_by), span_by=span_by)
+    manifest = prepare("csv", str(src), str(tmp_path / span_by), span_by=span_by)
     spans = assert_ordered_and_complete(tmp_path / span_by, [(f"u{i}", "x", str(t))
                                                              for i, t in enumerate(timestamps)])
     assert [[int(r["timestamp"]) for r in rows] for rows in spans.values()] == expected
@@ -252,11 +257,11 @@ def test_span_by_day_and_hour_boundaries(tmp_path, span_by, timestamps, expected
 def test_overwrite_is_refused_then_replaces_every_old_span(tmp_path):
     src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\nu,i,1,1\nv,i,2,0\nw,i,3,0\n")
     out = tmp_path / "out"
-    ingest.prepare("csv", str(src), str(out), spans=3)
+    prepare("csv", str(src), str(out), spans=3)
     with pytest.raises(ingest.IngestError, match=r"already holds spans \[1, 2, 3\]; pass --overwrite"):
-        ingest.prepare("csv", str(src), str(out), spans=1)
+        prepare("csv", str(src), str(out), spans=1)
     assert ingest.span_dirs(str(out)) == [1, 2, 3], "a refused run changes nothing"
-    assert ingest.prepare("csv", str(src), str(out), spans=1, overwrite=True)["spans"][0]["rows"] == 3
+    assert prepare("csv", str(src), str(out), spans=1, overwrite=True)["spans"][0]["rows"] == 3
     assert ingest.span_dirs(str(out)) == [1], "no stale span-2/span-3 left behind"
     assert json.loads((out / "manifest.json").read_text())["rows"] == 3
 
@@ -264,8 +269,8 @@ def test_overwrite_is_refused_then_replaces_every_old_span(tmp_path):
 def test_out_dir_without_spans_is_used_and_created(tmp_path):
     src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\nu,i,1,1\n")
     write(tmp_path / "existing" / "notes.txt", "mine\n")
-    ingest.prepare("csv", str(src), str(tmp_path / "existing"), spans=1)
-    ingest.prepare("csv", str(src), str(tmp_path / "new" / "deeper"), spans=1)
+    prepare("csv", str(src), str(tmp_path / "existing"), spans=1)
+    prepare("csv", str(src), str(tmp_path / "new" / "deeper"), spans=1)
     assert (tmp_path / "existing" / "notes.txt").read_text() == "mine\n"
     assert ingest.span_dirs(str(tmp_path / "new" / "deeper")) == [1]
 
@@ -303,7 +308,8 @@ HEADER = "user_id,item_id,timestamp,label\n"
 def test_generic_csv_errors_name_file_line_and_column(tmp_path, body, message):
     src = write(tmp_path / "i.csv", body)
     with pytest.raises(ingest.IngestError, match=message):
-        ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1, label_threshold=3)
+        prepare("csv", str(src), str(tmp_path / "out"), spans=1,
+                label_threshold=3 if "rating" in body.split("\n")[0] else None)
     assert not (tmp_path / "out").exists(), "nothing is written for bad input"
 
 
@@ -338,31 +344,31 @@ def test_adapter_errors_name_file_line_and_column(tmp_path, fmt, files, message)
     for name, text in files.items():
         write(tmp_path / "src" / name, text)
     with pytest.raises(ingest.IngestError, match=message):
-        ingest.prepare(fmt, str(tmp_path / "src"), str(tmp_path / "out"), spans=1)
+        prepare(fmt, str(tmp_path / "src"), str(tmp_path / "out"), spans=1)
 
 
 def test_argument_errors(tmp_path):
     src = write(tmp_path / "i.csv", HEADER + "u,i,1,1\nv,i,2,0\n")
     out = str(tmp_path / "out")
     with pytest.raises(ingest.IngestError, match="unknown format 'parquet'"):
-        ingest.prepare("parquet", str(src), out, spans=1)
+        prepare("parquet", str(src), out, spans=1)
     with pytest.raises(ingest.IngestError, match="--spans must be at least 1, got 0"):
-        ingest.prepare("csv", str(src), out, spans=0)
+        prepare("csv", str(src), out, spans=0)
     with pytest.raises(ingest.IngestError, match="cannot cut 2 rows into 3 spans"):
-        ingest.prepare("csv", str(src), out, spans=3)
+        prepare("csv", str(src), out, spans=3)
     with pytest.raises(ingest.IngestError, match="either --spans or --span-by, not both"):
-        ingest.prepare("csv", str(src), out, spans=1, span_by="day")
+        prepare("csv", str(src), out, spans=1, span_by="day")
     with pytest.raises(ingest.IngestError, match="--span-by must be day or hour, got 'week'"):
-        ingest.prepare("csv", str(src), out, span_by="week")
+        prepare("csv", str(src), out, span_by="week")
     with pytest.raises(ingest.IngestError, match="r\\.csv: has ratings but no labels; pass --label-threshold"):
-        ingest.prepare("csv", str(write(tmp_path / "r.csv", "user_id,item_id,timestamp,rating\nu,i,1,4\n")),
+        prepare("csv", str(write(tmp_path / "r.csv", "user_id,item_id,timestamp,rating\nu,i,1,4\n")),
                        out, spans=1)
     with pytest.raises(ingest.IngestError, match="nowhere: no such file or directory"):
-        ingest.prepare("movietweetings", str(tmp_path / "nowhere"), out, spans=1)
+        prepare("movietweetings", str(tmp_path / "nowhere"), out, spans=1)
     with pytest.raises(ingest.IngestError, match="no ratings.csv in this directory"):
-        ingest.prepare("movielens", str(tmp_path), out, spans=1)
+        prepare("movielens", str(tmp_path), out, spans=1)
     with pytest.raises(ingest.IngestError, match="exists and is not a directory"):
-        ingest.prepare("csv", str(src), str(src), spans=1)
+        prepare("csv", str(src), str(src), spans=1)
     assert not (tmp_path / "out").exists()
 
 
@@ -379,12 +385,12 @@ def prepare_command(*argv: str) -> int:
 def test_cli_prints_the_cut_appends_and_exits_2_on_bad_input(tmp_path, capsys):
     src = write(tmp_path / "mt" / "ratings.dat", "1::0000001::8::5\n2::0000002::9::86405\n")
     result = increc("prepare", "--format", "movietweetings", "--input", str(src.parent),
-                    "--out", str(tmp_path / "data"), "--spans", "2")
+                    "--out", str(tmp_path / "data"), "--spans", "2", "--allow-old-timestamps")
     assert "2 rows in 2 spans" in result.stdout and "run 1/1" in result.stderr, "progress goes to stderr"
     assert ingest.span_dirs(str(tmp_path / "data")) == [1, 2]
     write(tmp_path / "more" / "ratings.dat", "3::0000003::8::86405\n4::0000001::2::90000\n")
     assert prepare_command("--append", "--format", "movietweetings", "--input", str(tmp_path / "more"),
-                           "--out", str(tmp_path / "data"), "--spans", "1") == 0
+                           "--out", str(tmp_path / "data"), "--spans", "1", "--allow-old-timestamps") == 0
     out = capsys.readouterr().out
     assert "span 3: 2 rows, 1 positive" in out and "2 rows in 1 spans under" in out and "3 spans in all" in out
     write(src, "1::0000001::8\n")
@@ -403,7 +409,7 @@ def history_of(rows):
 def test_history_features_see_only_strictly_earlier_interactions(tmp_path):
     src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,rating\n"
                                       "u2,i1,25,4\nu1,i1,10,5\nu1,i2,20,1\nu1,i3,20,2\n")
-    ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1, label_threshold=3)
+    prepare("csv", str(src), str(tmp_path / "out"), spans=1, label_threshold=3)
     rows = read_spans(tmp_path / "out")[1]
     assert [(r["user_id"], r["item_id"]) for r in rows] == [("u1", "i1"), ("u1", "i2"), ("u1", "i3"), ("u2", "i1")]
     assert history_of(rows) == [
@@ -425,23 +431,23 @@ def test_history_features_see_only_strictly_earlier_interactions(tmp_path):
 
 def test_history_features_average_labels_when_there_are_no_ratings(tmp_path):
     src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,label\nu,a,1,1\nu,b,2,0\nu,c,3,1\n")
-    ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1)
+    prepare("csv", str(src), str(tmp_path / "out"), spans=1)
     rows = read_spans(tmp_path / "out")[1]
     assert [r["user_history_mean"] for r in rows] == ["", "1.0000", f"{(1 + 2 * 0.5) / (2 + 2):.4f}"]
 
 
 def test_history_features_can_be_left_out_and_never_overwrite_a_column(tmp_path):
     src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,label\nu,a,1,1\n")
-    manifest = ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1, history=False)
+    manifest = prepare("csv", str(src), str(tmp_path / "out"), spans=1, history=False)
     assert list(read_spans(tmp_path / "out")[1][0]) == ["user_id", "item_id", "timestamp", "label"]
     assert manifest["history_features"] == [] and not (tmp_path / "out" / "history").exists()
 
     clash = write(tmp_path / "clash.csv", "user_id,item_id,timestamp,label,user_history\nu,a,1,1,7\n")
     with pytest.raises(ingest.IngestError, match=r"already has column\(s\) user_history; pass --no-history-features"):
-        ingest.prepare("csv", str(clash), str(tmp_path / "out2"), spans=1)
+        prepare("csv", str(clash), str(tmp_path / "out2"), spans=1)
     assert not (tmp_path / "out2").exists(), "nothing is written on bad input"
     assert prepare_command("--format", "csv", "--input", str(clash), "--out", str(tmp_path / "out3"),
-                           "--spans", "1", "--no-history-features") == 0
+                           "--spans", "1", "--no-history-features", "--allow-old-timestamps") == 0
     assert read_spans(tmp_path / "out3")[1][0]["user_history"] == "7"
 
 
@@ -450,10 +456,73 @@ def test_clients_send_the_history_features_as_they_stand_now(tmp_path):
     from pipeline.serving_ops import inputs_for
 
     src = write(tmp_path / "log.csv", "user_id,item_id,timestamp,label\nu,a,1,1\nu,b,2,0\nv,a,3,1\n")
-    ingest.prepare("csv", str(src), str(tmp_path / "data"), spans=1)
+    prepare("csv", str(src), str(tmp_path / "data"), spans=1)
     inputs = inputs_for(IncrecConfig(data_dir=str(tmp_path / "data"), work_dir=str(tmp_path / "work")),
                         [("u", "a"), ("new-user", "new-item")])
     assert set(ingest.HISTORY_COLUMNS) <= set(inputs)
     assert inputs["user_history"].tolist() == pytest.approx([1.0986, 0.0], abs=1e-4)  # u: 2 interactions so far
     assert inputs["item_history_mean"][0] == pytest.approx((2 + 5 * 2 / 3) / (2 + 5), abs=1e-4)
     assert inputs["user_history_mean"][1] == pytest.approx(2 / 3, abs=1e-4), "unknown: the global mean"
+
+
+# --- timestamps: seconds from 1990 to 2100; other units recognised, the rest refused ---
+
+def test_millisecond_and_microsecond_logs_become_seconds_with_a_note(tmp_path):
+    notes = []
+    ms = write(tmp_path / "ms.csv", "user_id,item_id,timestamp,label\n"
+                                    "u,i,1700000000123,1\nv,i,1700000001999,0\nw,i,1700000005000,1\n")
+    manifest = ingest.prepare("csv", str(ms), str(tmp_path / "ms"), spans=1, progress=notes.append)
+    assert [r["timestamp"] for r in read_spans(tmp_path / "ms")[1]] == ["1700000000", "1700000001", "1700000005"]
+    assert f"note: {ms}, column timestamp: the values are milliseconds since 1970-01-01 UTC; divided by 1,000 " \
+           f"to seconds" in notes
+    assert manifest["timestamp_unit"] == "milliseconds" and manifest["spans"][0]["max_timestamp"] == 1700000005
+
+    notes.clear()
+    src = write(tmp_path / "mt" / "ratings.dat", "1::0000001::8::1700000000000000\n2::0000002::9::1700086400000000\n")
+    manifest = ingest.prepare("movietweetings", str(src.parent), str(tmp_path / "us"), spans=2, progress=notes.append)
+    assert [s["min_timestamp"] for s in manifest["spans"]] == [1700000000, 1700086400]
+    assert manifest["ingests"][-1]["timestamp_unit"] == "microseconds"
+    assert any("microseconds since 1970-01-01 UTC; divided by 1,000,000" in n for n in notes)
+
+
+@pytest.mark.parametrize("stamp,message", [
+    ("1700000000000", r"line 2, column timestamp: 1700000000000 looks like milliseconds, but the column's first "
+                      r"value \(line 1\) is in seconds; give every timestamp in the same unit"),
+    ("-5", r"line 2, column timestamp: -5 is negative; timestamps are seconds since 1970-01-01 UTC"),
+    ("12345678901234567890", r"line 2, column timestamp: 12345678901234567890 is not a time between 1990-01-01 "
+                             r"and 2100-01-01 in seconds"),
+    ("5000000000", r"line 2, column timestamp: 5000000000 is not a time between 1990-01-01 and 2100-01-01"),
+    ("86400", r"line 2, column timestamp: 86400 is before 1990-01-01 \(631152000\); if the log really is that old, "
+              r"pass --allow-old-timestamps"),
+])
+def test_timestamps_out_of_range_or_in_another_unit_are_refused(tmp_path, stamp, message):
+    src = write(tmp_path / "mt" / "ratings.dat", f"1::0000001::8::1700000000\n2::0000002::9::{stamp}\n")
+    with pytest.raises(ingest.IngestError, match=r"ratings\.dat, " + message):
+        ingest.prepare("movietweetings", str(src.parent), str(tmp_path / "out"), spans=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_streamed_csv_refuses_a_mix_of_units_naming_the_line(tmp_path):
+    src = write(tmp_path / "i.csv", "user_id,item_id,timestamp,label\nu,i,1700000000,1\nv,i,1700000000000,0\n"
+                                    "w,i,-1,0\n")
+    with pytest.raises(ingest.IngestError, match=r"i\.csv, line 3, column timestamp: 1700000000000 looks like "
+                                                 r"milliseconds(.|\n)*i\.csv, line 4, column timestamp: -1 is negative"):
+        ingest.prepare("csv", str(src), str(tmp_path / "out"), spans=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_old_timestamps_pass_with_the_flag_and_a_label_column_takes_no_threshold(tmp_path):
+    src = write(tmp_path / "mt" / "ratings.dat", "1::0000001::8::86400\n2::0000002::9::0\n")
+    manifest = ingest.prepare("movietweetings", str(src.parent), str(tmp_path / "out"), spans=1,
+                              allow_old_timestamps=True)
+    assert (manifest["spans"][0]["min_timestamp"], manifest["spans"][0]["max_timestamp"]) == (0, 86400)
+    with pytest.raises(ingest.IngestError, match=r"-1 is negative"):  # negative ones never
+        ingest.prepare("movietweetings", str(write(tmp_path / "neg" / "ratings.dat", "1::0000001::8::-1\n").parent),
+                       str(tmp_path / "neg-out"), spans=1, allow_old_timestamps=True)
+    labelled = write(tmp_path / "l.csv", "user_id,item_id,timestamp,label\nu,i,1700000000,1\n")
+    with pytest.raises(ingest.IngestError, match=r"l\.csv, line 1: has a 'label' column already; --label-threshold "
+                                                 r"turns ratings into labels"):
+        ingest.prepare("csv", str(labelled), str(tmp_path / "l"), spans=1, label_threshold=4)
+    with pytest.raises(ingest.IngestError, match=r"--start 1704067200000 looks like milliseconds"):
+        ingest.prepare("synthetic", None, str(tmp_path / "s"), spans=1,
+                       synthetic_spec=ingest.synthetic.Spec(rows=10, users=2, items=2, start=1704067200000))
