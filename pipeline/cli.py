@@ -1,8 +1,16 @@
-"""The `increc` command line (DESIGN.md, "CLI")."""
+"""The `increc` command line (DESIGN.md, "CLI").
+
+Every command checks its arguments, its config and the files they point at
+before it acts (pipeline/config.py, pipeline/preflight.py), with TensorFlow,
+Beam and TFX imported only once those checks passed: bad input is refused in
+well under a second, with one line naming the flag, key, file, line or
+column. Exit status: 0 done, 1 a run or an operation failed (or another
+command holds the work directory), 2 a usage or validation error, 130
+interrupted.
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -22,6 +30,13 @@ TUNABLE = {
     "auc_tolerance": float, "rollback_tolerance": float, "bad_row_budget": float,
     "keep_versions": int, "serving_address": str, "model_name": str, "optimizer": str,
 }
+NOT_SAVED_REASON = "is a per-run setting and is never saved; remove it (pass --mode, --force or --config to a run)"
+NOT_IN_CONFIG_FILE = {"work_dir": "is given by --work, not by a config file",
+                      "data_dir": "is given by --data (the deployment's own: increc config --set data_dir=...)"}
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DESCRIPTION = ("Incremental learning for a recommender on TFX: prepare spans, run them, serve the model. "
+               "Exit status: 0 done; 1 a run failed, or another command holds the work directory; "
+               "2 a usage or validation error; 130 interrupted.")
 
 
 def _quiet(verbose: bool) -> None:
@@ -44,6 +59,12 @@ def _quiet(verbose: bool) -> None:
     absl_logger.addHandler(errors_only)
 
 
+def _note(message: str) -> None:
+    print(f"increc: note: {message}", file=sys.stderr, flush=True)
+
+
+# --- argument types (argparse turns ArgumentTypeError into a one-line usage error, exit 2) ---
+
 def parse_spans(text: str) -> Tuple[int, int]:
     try:
         if "-" in text:
@@ -57,49 +78,141 @@ def parse_spans(text: str) -> Tuple[int, int]:
     return a, b
 
 
-def load_config(args):
-    """The work directory's saved config, then --config, then command-line knobs."""
-    from pipeline import files
-    from pipeline.config import IncrecConfig, resolve_path
+def _at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+    return parse
 
-    values: Dict[str, Any] = {}
-    saved = files.read_text(os.path.join(resolve_path(args.work), CONFIG_FILE))
-    if saved is not None:
-        values.update(json.loads(saved))
+
+span_number = _at_least(1, "a span number >= 1")
+positive_int = _at_least(1, "an integer >= 1")
+version_number = _at_least(0, "a version number >= 0")
+
+
+def port_number(text: str) -> int:
+    value = _at_least(1, "a port from 1 to 65535")(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: the flag and the problem, then where help is."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# --- the deployment's settings: WORK/config.json, --config, flags ---
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def config_path(work: str) -> str:
+    from pipeline.config import resolve_path
+
+    return os.path.join(resolve_path(work), CONFIG_FILE)
+
+
+def read_saved(work: str) -> Tuple[Optional[str], Dict[str, Any]]:
+    """(the text of WORK/config.json or None, its settings checked); ConfigError naming the file."""
+    from pipeline import files
+    from pipeline.config import ConfigError, PER_RUN, check_values, parse_json_object
+
+    path = config_path(work)
+    try:
+        text = files.read_text(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if text is None:
+        return None, {}
+    values = parse_json_object(text, path)
+    values.pop("work_dir", None)  # earlier versions saved it; the file's own directory is the work directory
+    return text, check_values(values, path, forbidden={key: NOT_SAVED_REASON for key in PER_RUN})
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """A --config file's settings, checked; ConfigError naming the file (and line, key, type)."""
+    from pipeline.config import ConfigError, check_values, parse_json_object
+
+    where = f"--config {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where}: is a directory") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot be read ({e.strerror or e})") from None
+    return check_values(parse_json_object(text, where), where, forbidden=NOT_IN_CONFIG_FILE)
+
+
+class Loaded:
+    """A command's config, built from defaults, WORK/config.json, --config and flags, all checked."""
+
+    def __init__(self, config, saved_text: Optional[str], saved: Dict[str, Any], notes: List[str]):
+        self.config, self.saved_text, self.saved, self.notes = config, saved_text, saved, notes
+        self.schema_present = False  # whether WORK had a curated schema when a run's checks were made
+
+
+def load_config(args) -> Loaded:
+    """The deployment's saved settings, then --config, then flags: each layer checked where it comes from.
+
+    Nothing is written: the first run saves the result (save_config) once it
+    holds the work directory's lock; after that, --config and flags are
+    one-off overrides for the command that got them.
+    """
+    from pipeline.config import ConfigError, IncrecConfig, check_value, resolve_path
+
+    saved_text, values = read_saved(args.work)
+    saved = dict(values)
+    notes: List[str] = []
     if getattr(args, "config", None):
-        with open(args.config) as f:
-            values.update(json.load(f))
-    known = {f.name for f in dataclasses.fields(IncrecConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SystemExit(f"increc: unknown config key(s) {', '.join(unknown)}")
-    values["work_dir"] = args.work
-    if getattr(args, "data", None):
-        values["data_dir"] = args.data
-    values.setdefault("data_dir", args.work)
+        values.update(read_config_file(args.config))
     for key in TUNABLE:
         value = getattr(args, key, None)
         if value is not None:
-            values[key] = value
+            try:
+                values[key] = check_value(key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{_flag(key)} {e.problem}", key, e.problem) from None
+    saved_data = values.get("data_dir")
+    if getattr(args, "data", None):
+        if saved_text is not None and saved_data and resolve_path(args.data) != resolve_path(saved_data):
+            notes.append(f"--data {args.data} is used for this command only; the deployment's data directory is "
+                         f"{saved_data} (increc config --work {args.work} --set data_dir=... changes it)")
+        values["data_dir"] = args.data
+    values.setdefault("data_dir", args.work)
+    values["work_dir"] = args.work
     if getattr(args, "mode", None):
         values["mode"] = args.mode
     if getattr(args, "force", False):
         values["force_push"] = True
     try:
         config = IncrecConfig(**values)
-    except (TypeError, ValueError) as e:
-        raise SystemExit(f"increc: bad config: {e}")
-    return config
+    except ConfigError as e:
+        raise ConfigError(f"config: {e}") from None
+    return Loaded(config, saved_text, saved, notes)
 
 
 def save_config(config) -> None:
+    """Writes the deployment's settings (atomically): only the first run that holds the lock calls this."""
     from pipeline import files
 
-    persistent = dataclasses.asdict(config)
-    # One-off switches do not stick to the work directory.
-    for key in ("force_push", "flip_train_labels", "mode"):
-        persistent.pop(key, None)
-    files.write_text(os.path.join(config.work_dir, CONFIG_FILE), json.dumps(persistent, indent=2, sort_keys=True))
+    files.write_text(os.path.join(config.work_dir, CONFIG_FILE),
+                     json.dumps(config.saved_settings(), indent=2, sort_keys=True) + "\n")
 
 
 def _fmt(value, digits=4) -> str:
@@ -185,16 +298,13 @@ def backfill_report(mode: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def cmd_prepare(args) -> int:
     from components import synthetic
+    from pipeline import preflight
 
+    preflight.check_prepare(args)  # the flags and the input's header, before TensorFlow and Beam load
+    spec = None
     if args.format == "synthetic":
-        if args.input:
-            raise ValueError("--format synthetic generates its log; it takes no --input")
         spec = synthetic.Spec(rows=args.rows, users=args.users, items=args.items, seed=args.seed, days=args.days,
                               start=args.start)
-    elif not args.input:
-        raise ValueError(f"--format {args.format} needs --input")
-    else:
-        spec = None
     from components import ingest  # TensorFlow and Beam: only once the arguments make sense
 
     manifest = ingest.prepare(args.format, args.input, args.out, spans=args.spans, span_by=args.span_by,
@@ -211,21 +321,61 @@ def cmd_prepare(args) -> int:
     rows = sum(s["rows"] for s in added)
     print(f"{rows} rows in {len(added)} spans under {args.out}"
           + (f" (appended: {len(manifest['spans'])} spans in all)" if args.append else ""))
-    return 0
+    return EXIT_OK
+
+
+def _checked_run(args, spans: List[int]) -> Loaded:
+    """The run's config and every check a run needs, made before anything is written or imported."""
+    from pipeline import preflight
+
+    loaded = load_config(args)
+    config = loaded.config
+    preflight.creatable_dir(config.work_dir, "--work")
+    preflight.metadata_local(config)
+    preflight.check_spans(config, spans)
+    if loaded.saved_text is not None:
+        preflight.model_shape_unchanged(config, loaded.saved)
+    if getattr(args, "report", None):
+        preflight.writable_file(args.report, "--report")
+    loaded.schema_present = preflight.exists(config.schema_path)
+    return loaded
+
+
+def _run(args, spans: List[int]) -> Tuple[Any, List[Dict[str, Any]]]:
+    """Checks everything, then, holding the work directory's lock, saves a first run's settings and runs the spans.
+
+    A command refused by a check or by the lock changes nothing in WORK (it is
+    not even created); the settings are saved only by the first run, and only
+    once it holds the lock.
+    """
+    from pipeline import preflight
+    from pipeline.local_runner import work_lock
+
+    loaded = _checked_run(args, spans)
+    with work_lock(loaded.config.work_dir):
+        # Another command may have saved the settings or the schema between the checks and the lock.
+        saved_now, _ = read_saved(args.work)
+        if saved_now != loaded.saved_text or preflight.exists(loaded.config.schema_path) != loaded.schema_present:
+            loaded = _checked_run(args, spans)
+        for note in loaded.notes:
+            _note(note)
+        if loaded.saved_text is None:
+            save_config(loaded.config)
+            _note(f"first run of this deployment: its settings are saved in {config_path(args.work)}; later runs "
+                  f"use them, and their flags apply to that run only (increc config --work {args.work} "
+                  f"shows and changes them)")
+        records = run_spans(loaded.config, spans, show_progress=not args.no_progress)
+    return loaded.config, records
 
 
 def cmd_run(args) -> int:
-    config = load_config(args)
-    save_config(config)
-    records = run_spans(config, [args.span], show_progress=not args.no_progress)
-    return 0 if records[0].get("status") == "ok" else 1
+    _, records = _run(args, [args.span])
+    return EXIT_OK if records[0].get("status") == "ok" else EXIT_FAILED
 
 
 def cmd_backfill(args) -> int:
-    config = load_config(args)
-    save_config(config)
     first, last = args.spans
-    records = run_spans(config, list(range(first, last + 1)), show_progress=not args.no_progress)
+    config, records = _run(args, list(range(first, last + 1)))
     report = backfill_report(config.mode, records)
     if args.report:
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
@@ -233,12 +383,96 @@ def cmd_backfill(args) -> int:
             json.dump(report, f, indent=2)
         print(f"report written to {args.report}")
     print(f"mean live AUC over spans {first}-{last}: {_fmt(report['mean_live_auc'])}")
-    return 0 if all(r.get("status") == "ok" for r in records) else 1
+    return EXIT_OK if all(r.get("status") == "ok" for r in records) else EXIT_FAILED
+
+
+def cmd_config(args) -> int:
+    """Shows the deployment's settings, or changes them (--set key=value, each checked, written atomically)."""
+    from pipeline import files, preflight
+    from pipeline.config import (ConfigError, IncrecConfig, PER_RUN, check_value, defaults, field_names, parse_text,
+                                 shown, suggest)
+    from pipeline.local_runner import work_lock
+
+    preflight.work_dir_present(args.work)
+    path = config_path(args.work)
+    text, saved = read_saved(args.work)
+    if not args.set:
+        show = {k: v for k, v in dict(defaults(), **saved).items() if k not in PER_RUN}
+        if args.json:
+            print(json.dumps(show, indent=2, sort_keys=True))
+            return EXIT_OK
+        if text is None:
+            print(f"no settings saved in {args.work} yet (the first run or backfill saves them); the defaults:")
+        else:
+            print(f"settings of {args.work} ({path}); flags of run and backfill override them for that run only:")
+        width = max(len(k) for k in show)
+        base = defaults()
+        for key in sorted(show):
+            origin = ""
+            if key not in saved:
+                origin = "  (default)" if text is None else "  (default: not in config.json)"
+            elif key in base and saved[key] == base[key]:
+                origin = "  (default)"
+            print(f"  {key.ljust(width)}  {shown(show[key])}{origin}")
+        print(f"per run only, never saved: {', '.join(PER_RUN)} (--mode, --force, --config)")
+        return EXIT_OK
+
+    if text is None:
+        raise ConfigError(f"{path}: no such file: the first run or backfill of {args.work} saves the settings "
+                          f"(give them there with flags or --config)")
+    known = [k for k in field_names() if k != "work_dir" and k not in PER_RUN]
+    changes: Dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        where = f"--set {item}"
+        if not sep:
+            raise ConfigError(f"{where}: expected key=value")
+        if key in PER_RUN:
+            raise ConfigError(f"{where}: {key} is a per-run setting and is never saved (give it to run or backfill: "
+                              f"--mode, --force, --config)")
+        if key == "work_dir":
+            raise ConfigError(f"{where}: the work directory is where config.json lives, not a setting")
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} ({suggest(key, known)})")
+        try:
+            changes[key] = check_value(key, parse_text(key, value))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    with work_lock(args.work):
+        text, saved = read_saved(args.work)  # as it is now, under the lock
+        before = dict(defaults(), **saved)
+        values = dict(saved, **changes)
+        try:
+            config = IncrecConfig(**dict(values, data_dir=values.get("data_dir", args.work), work_dir=args.work))
+        except ConfigError as e:
+            raise ConfigError(f"--set: {e}") from None
+        if "data_dir" in changes:
+            preflight.data_dir_present(config.data_dir, "--set data_dir")
+        if "metadata" in changes:
+            preflight.metadata_local(config)
+        after = config.saved_settings()
+        if "data_dir" not in values:
+            del after["data_dir"]  # a hand-made config.json without one: the commands' default stays
+        files.write_text(path, json.dumps(after, indent=2, sort_keys=True) + "\n")
+    for key in sorted(changes):
+        if before.get(key) == after[key]:
+            print(f"{key}: {shown(after[key])} (unchanged)")
+        else:
+            print(f"{key}: {shown(before.get(key))} -> {shown(after[key])}")
+    print(f"saved in {path}; the next run uses it")
+    reshaped = [k for k in preflight.MODEL_SHAPE if k in changes and before.get(k) != after[k]]
+    if reshaped and preflight.exists(config.schema_path):
+        _note(f"{', '.join(reshaped)} changed the model's shape: the serving model cannot warm-start a model "
+              f"of the new shape, so run the next span with --mode full")
+    return EXIT_OK
 
 
 def cmd_history(args) -> int:
+    from pipeline import preflight
     from pipeline.local_runner import read_history
 
+    preflight.work_dir_present(args.work)
     records = read_history(args.work)
     if args.json:
         print(json.dumps(records, indent=2))
@@ -269,10 +503,13 @@ def cmd_history(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from pipeline import preflight
     from pipeline.local_runner import read_history
+
+    preflight.work_dir_present(args.work)
+    config = load_config(args).config
     from serving import model_config
 
-    config = load_config(args)
     deployment = model_config.read_deployment(config.models_config_path, config.model_name)
     on_disk = model_config.version_dirs(config.model_base_path)
     print(f"work directory: {config.work_dir}")
@@ -296,9 +533,11 @@ def cmd_status(args) -> int:
             live_by_version.setdefault(r["live_version"], []).append(f"span {r['span']}: {_fmt(r['live_auc'])}")
     for version, values in sorted(live_by_version.items()):
         print(f"  v{version} live AUC: {'; '.join(values)}")
-    loaded = _loaded_versions(config)
+    loaded = _loaded_versions(config) if config.serving_address else None
     if loaded is not None:
         print(f"server at {config.serving_address}: " + (", ".join(f"v{v} {s}" for v, s in loaded) or "no versions"))
+    elif not config.serving_address:
+        print("no server address configured (serving_address is empty)")
     else:
         print(f"no server reachable at {config.serving_address}")
     history = read_history(config.work_dir)[-5:]
@@ -328,9 +567,12 @@ def _loaded_versions(config) -> Optional[List[Tuple[int, str]]]:
 
 
 def cmd_compile(args) -> int:
+    from pipeline import preflight
+
+    config = load_config(args).config
+    preflight.writable_file(args.output, "--output")
     from pipeline import kubeflow_runner
 
-    config = load_config(args)
     path = kubeflow_runner.compile_pipeline(config, args.output, image=args.image,
                                             first_span=args.first_span)
     print(f"Kubeflow Pipelines (v2) spec written to {path}")
@@ -338,11 +580,13 @@ def cmd_compile(args) -> int:
 
 
 def cmd_tensorboard(args) -> int:
+    from pipeline import preflight
     from pipeline.config import IncrecConfig
 
+    preflight.work_dir_present(args.work)
     logdir = IncrecConfig(data_dir=args.work, work_dir=args.work).tensorboard_dir
-    if not os.path.isdir(logdir):
-        raise SystemExit(f"increc: no TensorBoard logs under {logdir} (run a span first)")
+    if not preflight.isdir(logdir):
+        raise preflight.UsageError(f"no TensorBoard logs under {logdir} (run a span first)")
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", args.host, "--port", str(args.port)]
     print(f"TensorBoard on http://{args.host}:{args.port} over {logdir}")
     os.execv(sys.executable, command)
@@ -350,17 +594,20 @@ def cmd_tensorboard(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from components.rollback import RollbackRefused, roll_back
+    from pipeline import preflight
     from pipeline.local_runner import append_history, work_lock
 
-    config = load_config(args)
+    preflight.work_dir_present(args.work)
+    config = load_config(args).config
+    from components.rollback import RollbackRefused, roll_back
+
     with work_lock(config.work_dir):
         try:
             done = roll_back(config.models_config_path, config.model_name, config.serving_address,
                              to_version=args.to, reason="manual")
         except RollbackRefused as e:
             print(f"increc rollback: refused: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         append_history(config, {"event": "rollback", "span": None, "status": "ok", "manual": True,
                                 "rolled_back": True, "rolled_back_version": done.bad_version,
                                 "restored_version": done.restored_version, "serving_version": done.restored_version,
@@ -370,9 +617,22 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_up(args) -> int:
+    from pipeline import preflight
+
+    preflight.work_dir_present(args.work)
+    loaded = load_config(args)
+    config = loaded.config
+    if args.data:
+        preflight.data_dir_present(config.data_dir)
+    elif not preflight.isdir(config.data_dir):
+        raise preflight.UsageError(f"the deployment's data directory {config.data_dir} does not exist (its newest "
+                                   f"span gives the example queries); pass --data DATA")
+    if args.port == args.rest_port:
+        raise preflight.UsageError(f"--port and --rest-port are both {args.port}; give two ports")
+    for note in loaded.notes:
+        _note(note)
     from pipeline import serving_ops
 
-    config = load_config(args)
     info = serving_ops.start(config, args.port, args.rest_port)
     state = "already running" if info.get("already_running") else "started"
     print(f"server {state} for {config.model_name} over {config.models_config_path}: gRPC 127.0.0.1:{info['port']}, "
@@ -383,18 +643,33 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    from pipeline import serving_ops
+    from pipeline import preflight, serving_ops
 
-    stopped = serving_ops.stop(load_config(args))
+    preflight.work_dir_present(args.work)
+    stopped = serving_ops.stop(load_config(args).config)
     print("server stopped" if stopped else "no server was running for this work directory")
     return 0
 
 
 def cmd_predict(args) -> int:
+    from pipeline import preflight
+    from pipeline.config import ConfigError, check_value
+
+    preflight.work_dir_present(args.work)
+    loaded = load_config(args)
+    config = loaded.config
+    if args.data:
+        preflight.data_dir_present(config.data_dir)
+    if args.address is not None:
+        try:
+            check_value("serving_address", args.address)
+        except ConfigError as e:
+            raise ConfigError(f"--address {e.problem}") from None
+    for note in loaded.notes:
+        _note(note)
     from pipeline import serving_ops
     from serving.client import ServingClient
 
-    config = load_config(args)
     inputs = serving_ops.inputs_for(config, [(args.user, item) for item in args.item])
     client = ServingClient(args.address or config.serving_address)
     if not client.is_reachable(wait=3):
@@ -414,7 +689,7 @@ def cmd_serve(argv: List[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="increc", description=__doc__)
+    parser = Parser(prog="increc", description=DESCRIPTION)
     parser.add_argument("--verbose", action="store_true", help="show TFX, Beam and TensorFlow logs")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -461,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="one pipeline run for span N")
     work_args(p)
-    p.add_argument("--span", type=int, required=True)
+    p.add_argument("--span", type=span_number, required=True)
     run_args(p)
     p.set_defaults(func=cmd_run)
 
@@ -471,6 +746,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the backfill report (JSON) here")
     run_args(p)
     p.set_defaults(func=cmd_backfill)
+
+    p = sub.add_parser("config", help="show the deployment's saved settings, or change them with --set")
+    p.add_argument("--work", required=True, help="the deployment's work directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a setting (repeatable); lists as 64,32 or JSON; null for none")
+    p.add_argument("--json", action="store_true", help="print the settings as JSON")
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("history", help="history.jsonl as a table")
     p.add_argument("--work", required=True)
@@ -494,20 +776,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tensorboard", help="TensorBoard over WORK/tensorboard")
     p.add_argument("--work", required=True)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--port", type=port_number, default=6006)
     p.set_defaults(func=cmd_tensorboard)
 
     p = sub.add_parser("rollback", help="put the previous (or a named) version back as stable")
     work_args(p, data=False)
-    p.add_argument("--to", type=int, help="the version to restore (default: the previous one)")
+    p.add_argument("--to", type=version_number, help="the version to restore (default: the previous one)")
     p.add_argument("--serving-address", dest="serving_address")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("up", help="start the embedded server over WORK/serving in the background")
     work_args(p, data=False)
     p.add_argument("--data", help="DATA directory (for the example queries; default: the one the runs used)")
-    p.add_argument("--port", type=int, default=8500)
-    p.add_argument("--rest-port", type=int, default=8501, dest="rest_port")
+    p.add_argument("--port", type=port_number, default=8500)
+    p.add_argument("--rest-port", type=port_number, default=8501, dest="rest_port")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop the server `increc up` started")
@@ -520,13 +802,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True)
     p.add_argument("--item", required=True, action="append", help="repeat for several items")
     p.add_argument("--label", default="stable")
-    p.add_argument("--version", type=int)
+    p.add_argument("--version", type=version_number)
     p.add_argument("--address", help="gRPC address (default: the config's serving_address)")
     p.set_defaults(func=cmd_predict)
 
     sub.add_parser("serve", help="TF-Serving-compatible model server (takes tensorflow_model_server flags)",
                    add_help=False)
     return parser
+
+
+def exit_status(error: BaseException) -> Tuple[int, str]:
+    """(exit status, one-line message) for an error that reached the top: never a traceback for user input."""
+    from pipeline.local_runner import WorkBusyError
+
+    message = str(error).strip() or type(error).__name__
+    if isinstance(error, WorkBusyError):
+        return EXIT_FAILED, message
+    if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return EXIT_USAGE, message  # bad input: a flag, a config value, a file, a row
+    if isinstance(error, (RuntimeError, OSError)):
+        return EXIT_FAILED, message
+    return EXIT_FAILED, f"{type(error).__name__}: {message} (increc --verbose ... shows where)"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -539,12 +835,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        return 130
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - every error becomes one line and an exit status
         if args.verbose:
             raise
-        print(f"increc: {e}", file=sys.stderr)
-        return 2
+        status, message = exit_status(e)
+        print(f"increc: {message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":
