@@ -935,6 +935,8 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
     unless `allow_old_timestamps` (components/timestamps.py).
     """
     say = progress or (lambda message: None)
+    if not str(out_dir).strip():
+        raise IngestError("--out must be a non-empty path (the data directory to write spans into)")
     if fmt not in FORMATS:
         raise IngestError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     if spans is not None and span_by is not None:

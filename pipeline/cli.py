@@ -95,6 +95,12 @@ positive_int = _at_least(1, "an integer >= 1")
 version_number = _at_least(0, "a version number >= 0")
 
 
+def path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a non-empty path")
+    return text
+
+
 def port_number(text: str) -> int:
     value = _at_least(1, "a port from 1 to 65535")(text)
     if value > 65535:
@@ -695,8 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="cut a raw interaction log into time-ordered spans (or append one)")
     p.add_argument("--format", choices=FORMATS, required=True)
-    p.add_argument("--input", help="the raw log (a file, or the data set's directory); not for synthetic")
-    p.add_argument("--out", required=True, help="DATA directory to write span-<N>/ into")
+    p.add_argument("--input", type=path, help="the raw log (a file, or the data set's directory); not for synthetic")
+    p.add_argument("--out", type=path, required=True, help="DATA directory to write span-<N>/ into")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--spans", type=int, help="number of equal-size spans (default 10)")
     group.add_argument("--span-by", choices=("day", "hour"), dest="span_by")
@@ -722,10 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     def work_args(p, data=True):
-        p.add_argument("--work", required=True, help="the deployment's work directory")
+        p.add_argument("--work", type=path, required=True, help="the deployment's work directory")
         if data:
-            p.add_argument("--data", required=True, help="DATA directory with span-<N>/")
-        p.add_argument("--config", help="JSON file of IncrecConfig fields")
+            p.add_argument("--data", type=path, required=True, help="DATA directory with span-<N>/")
+        p.add_argument("--config", type=path, help="JSON file of IncrecConfig fields")
 
     def run_args(p):
         p.add_argument("--mode", choices=("incremental", "full"))
@@ -743,19 +749,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backfill", help="run spans A..B in order and write a report")
     work_args(p)
     p.add_argument("--spans", type=parse_spans, required=True, help="A-B")
-    p.add_argument("--report", help="write the backfill report (JSON) here")
+    p.add_argument("--report", type=path, help="write the backfill report (JSON) here")
     run_args(p)
     p.set_defaults(func=cmd_backfill)
 
     p = sub.add_parser("config", help="show the deployment's saved settings, or change them with --set")
-    p.add_argument("--work", required=True, help="the deployment's work directory")
+    p.add_argument("--work", type=path, required=True, help="the deployment's work directory")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting (repeatable); lists as 64,32 or JSON; null for none")
     p.add_argument("--json", action="store_true", help="print the settings as JSON")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("history", help="history.jsonl as a table")
-    p.add_argument("--work", required=True)
+    p.add_argument("--work", type=path, required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_history)
 
@@ -767,14 +773,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write a Kubeflow Pipelines v2 spec")
     work_args(p)
     p.add_argument("--target", choices=("kubeflow",), default="kubeflow")
-    p.add_argument("--output", default="increc-kubeflow.json")
+    p.add_argument("--output", type=path, default="increc-kubeflow.json")
     p.add_argument("--image", default="increc:latest", help="container image with increc installed")
     p.add_argument("--first-span", action="store_true", dest="first_span",
                    help="compile the first-span shape (schema inference, no baseline)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("tensorboard", help="TensorBoard over WORK/tensorboard")
-    p.add_argument("--work", required=True)
+    p.add_argument("--work", type=path, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=port_number, default=6006)
     p.set_defaults(func=cmd_tensorboard)
@@ -787,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="start the embedded server over WORK/serving in the background")
     work_args(p, data=False)
-    p.add_argument("--data", help="DATA directory (for the example queries; default: the one the runs used)")
+    p.add_argument("--data", type=path, help="DATA directory (for the example queries; default: the one the runs used)")
     p.add_argument("--port", type=port_number, default=8500)
     p.add_argument("--rest-port", type=port_number, default=8501, dest="rest_port")
     p.set_defaults(func=cmd_up)
@@ -798,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="score items for a user over gRPC")
     work_args(p, data=False)
-    p.add_argument("--data", help="DATA directory with the side tables (default: the one the runs used)")
+    p.add_argument("--data", type=path, help="DATA directory with the side tables (default: the one the runs used)")
     p.add_argument("--user", required=True)
     p.add_argument("--item", required=True, action="append", help="repeat for several items")
     p.add_argument("--label", default="stable")

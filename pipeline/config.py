@@ -329,7 +329,10 @@ def check_value(key: str, value: Any) -> Any:
         raise ConfigError(f"unknown key {key!r}", key, "is not a setting")
     typed, normalised = _typed(rule.kind, value)
     if not typed or not rule.ok(normalised):
-        problem = f"must be {rule.expected}, got {shown(value)}"
+        expected = rule.expected
+        if rule.kind == "int" and typed and normalised > LARGEST_INT:
+            expected = f"at most {LARGEST_INT}"
+        problem = f"must be {expected}, got {shown(value)}"
         raise ConfigError(f"{key} {problem}", key, problem)
     return normalised
 

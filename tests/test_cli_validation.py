@@ -82,6 +82,8 @@ def write_config(tmp_path: Path, text: str) -> Path:
     (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
     (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
     (["--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
+    (["--epochs", "99999999999"], "--epochs must be at most 2147483647, got 99999999999"),
+    (["--config", ""], "argument --config: must be a non-empty path"),
 ])
 def test_bad_flags_are_refused_by_name(data, tmp_path, flags, message):
     work = tmp_path / "work"
@@ -131,6 +133,8 @@ def test_config_file_that_cannot_be_read(data, tmp_path):
 
 def test_data_and_spans_must_exist(data, tmp_path):
     work = tmp_path / "work"
+    assert "argument --data: must be a non-empty path" in refused(*run_args("", work))
+    assert "argument --work: must be a non-empty path" in refused(*run_args(data, ""))
     assert f"--data {tmp_path / 'none'}: no such directory" in refused(*run_args(tmp_path / "none", work))
     assert "no span 5 (span-<N>/ directories there: 1-2)" in refused(
         "run", "--data", str(data), "--work", str(work), "--span", "5")
@@ -211,6 +215,8 @@ def test_paths_a_run_writes_are_checked_first(data, tmp_path):
     assert f"--work {a_file}: exists and is not a directory" in refused(*run_args(data, a_file))
     assert f"--work {a_file / 'work'}: cannot be created ({a_file} is not a directory)" in \
         refused(*run_args(data, a_file / "work"))
+    assert "argument --report: must be a non-empty path" in refused(
+        "backfill", "--data", str(data), "--work", str(tmp_path / "work"), "--spans", "1-2", "--report", "")
     assert f"--report {tmp_path}: is a directory" in refused(
         "backfill", "--data", str(data), "--work", str(tmp_path / "work"), "--spans", "1-2", "--report", str(tmp_path))
     path = write_config(tmp_path, '{"metadata": "gs://bucket/metadata.sqlite"}')
@@ -344,6 +350,7 @@ def test_prepare_flags_and_header_are_checked_before_beam(tmp_path):
     assert "the log would run past 2100-01-01" in refused(*common, "--format", "synthetic", "--start", "4102000000")
     assert "--days must be a positive number, got inf" in refused(*common, "--format", "synthetic", "--days", "inf")
     assert "--rows must be at least 1, got 0" in refused(*common, "--format", "synthetic", "--rows", "0")
+    assert "argument --out: must be a non-empty path" in refused("prepare", "--format", "synthetic", "--out", "")
     rated = tmp_path / "rated.csv"
     rated.write_text("user_id,item_id,timestamp,rating\nu,i,1700000000,4\n")
     assert "has ratings but no labels; pass --label-threshold" in refused(
