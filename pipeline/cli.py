@@ -474,10 +474,22 @@ def cmd_config(args) -> int:
     return EXIT_OK
 
 
+def read_history(work: str) -> List[Dict[str, Any]]:
+    """WORK/history.jsonl's records; a line that is not JSON is named (file and line), not a traceback."""
+    from pipeline import files, local_runner
+
+    try:
+        return local_runner.read_history(work)
+    except json.JSONDecodeError as e:
+        path = os.path.join(work, "history.jsonl")
+        for number, line in enumerate((files.read_text(path) or "").splitlines(), start=1):
+            if line.strip() and line.strip() == e.doc.strip():
+                raise ValueError(f"{path}, line {number}: not a JSON record ({e.msg}, column {e.colno})") from None
+        raise ValueError(f"{path}: not a JSON record ({e.msg})") from None
+
+
 def cmd_history(args) -> int:
     from pipeline import preflight
-    from pipeline.local_runner import read_history
-
     preflight.work_dir_present(args.work)
     records = read_history(args.work)
     if args.json:
@@ -510,7 +522,6 @@ def cmd_history(args) -> int:
 
 def cmd_status(args) -> int:
     from pipeline import preflight
-    from pipeline.local_runner import read_history
 
     preflight.work_dir_present(args.work)
     config = load_config(args).config

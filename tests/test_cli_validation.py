@@ -456,3 +456,9 @@ def test_every_setting_has_a_rule():
 
     assert set(RULES) == set(field_names()), "a new field needs its type and range in RULES"
     IncrecConfig(data_dir="d", work_dir="w", **defaults())  # the defaults pass their own rules
+
+
+def test_a_broken_history_file_is_named(deployment):
+    (deployment / "history.jsonl").write_text('{"span": 1, "status": "ok"}\n{"span": 2, \n')
+    assert f"{deployment / 'history.jsonl'}, line 2: not a JSON record" in refused("history", "--work", str(deployment))
+    assert "line 2: not a JSON record" in refused("status", "--work", str(deployment))
