@@ -833,6 +833,8 @@ def exit_status(error: BaseException) -> Tuple[int, str]:
     from pipeline.local_runner import WorkBusyError
 
     message = str(error).strip() or type(error).__name__
+    if isinstance(getattr(error, "exit_status", None), int):  # an error that knows its status (e.g. interrupted: 130)
+        return error.exit_status, message
     if isinstance(error, WorkBusyError):
         return EXIT_FAILED, message
     if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
