@@ -367,7 +367,7 @@ def stub_runs(monkeypatch):
 
     seen = []
 
-    def run_spans(config, spans, show_progress=True):
+    def run_spans(config, spans, show_progress=True, **options):
         seen.append(config)
         return [{"span": span, "status": "ok", "live_auc": None} for span in spans]
 
@@ -420,7 +420,7 @@ def test_a_backfill_holds_the_lock_across_its_spans(data, tmp_path, monkeypatch)
     work = tmp_path / "work"
     held = []
 
-    def run_spans(config, spans, show_progress=True):
+    def run_spans(config, spans, show_progress=True, **options):
         for span in spans:
             with work_lock(config.work_dir):  # each span's run takes the lock again, re-entrant in this process
                 with open(work / ".lock", "w") as other, pytest.raises(BlockingIOError):
