@@ -15,7 +15,8 @@ from typing import Optional
 import tensorflow_model_analysis as tfma
 # Module by module rather than `tfx.v1`, whose extensions pull in the Google Cloud AI Platform client
 # (seconds of start-up for every run).
-from tfx.components import Evaluator, ExampleValidator, ImportSchemaGen, SchemaGen, Trainer, Transform
+from tfx.components import Evaluator, ExampleValidator, SchemaGen, Trainer, Transform
+from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
 from tfx.dsl.components.common.resolver import Resolver
 from tfx.dsl.input_resolution.strategies.span_range_strategy import SpanRangeStrategy
 from tfx.orchestration import metadata
