@@ -111,26 +111,12 @@ def test_parameters_that_cannot_make_a_log_are_refused():
 
 def _examples(data, span: int, out):
     """SpanExampleGen's executor over one span: every tf.Example it writes, train and eval."""
-    import json
-
     import tensorflow as tf
-    from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
-    from tfx.proto import example_gen_pb2
-    from tfx.types import standard_artifacts
-    from tfx.types import standard_component_specs as S
-    from tfx.utils import proto_utils
 
-    from components import example_gen
+    from tests.test_example_gen import run_executor
 
-    examples = standard_artifacts.Examples()
-    examples.uri = str(out)
-    config = example_gen_pb2.Input(splits=[example_gen_pb2.Input.Split(name="train", pattern=f"span-{span}/*.csv")])
-    properties = {S.INPUT_BASE_KEY: str(data), S.INPUT_CONFIG_KEY: proto_utils.proto_to_json(config),
-                  S.CUSTOM_CONFIG_KEY: json.dumps({"eval_fraction": 0.1, "bad_row_budget": 0.0})}
-    context = BaseBeamExecutor.Context(beam_pipeline_args=["--direct_running_mode=in_memory"],
-                                       tmp_dir=str(out.parent / "tmp"))
-    example_gen.Executor(context).Do({}, {"examples": [examples]}, properties)
-    records = [r.numpy() for r in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(f"{out}/Split-*/*")),
+    run_executor(data, out, budget=0.0, range_bytes=1 << 20, span=span)
+    records = [r.numpy() for r in tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(f"{out}/examples/Split-*/*")),
                                                            compression_type="GZIP")]
     return [tf.train.Example.FromString(r).features.feature for r in records]
 
