@@ -19,9 +19,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
-
-import tensorflow as tf
 
 BOM = b"\xef\xbb\xbf"
 DEFAULT_RANGE_BYTES = 16 << 20  # ~200k rows of a typical span: enough work per range to amortise its set-up
@@ -58,17 +57,40 @@ class RangePosition:
     quotes_before: int
 
 
+# Local files through plain file calls, so the CLI's checks run without loading TensorFlow; URLs
+# (gs://, s3://, ...) through TensorFlow's file systems.
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def _remote(path: str) -> bool:
+    return "://" in path
+
+
+def _exists(path: str) -> bool:
+    return _gfile().exists(path) if _remote(path) else os.path.isfile(path)
+
+
+def _size(path: str) -> int:
+    return _gfile().stat(path).length if _remote(path) else os.path.getsize(path)
+
+
 def _open(path: str):
+    if not _remote(path) and os.path.isdir(path):
+        raise CsvError(f"{path}: is a directory, not a CSV file")
+    if not _exists(path):
+        raise CsvError(f"{path}: no such file")
     try:
-        return tf.io.gfile.GFile(path, "rb")
-    except tf.errors.NotFoundError:
-        raise CsvError(f"{path}: no such file") from None
+        return _gfile().GFile(path, "rb") if _remote(path) else open(path, "rb")
+    except OSError as e:
+        raise CsvError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def read_header(path: str, required: Sequence[str] = ()) -> Header:
     """The header row of a CSV file, checked; raises CsvError naming the file and line 1."""
-    if not tf.io.gfile.exists(path):
-        raise CsvError(f"{path}: no such file")
     with _open(path) as f:
         probe = f.read(HEADER_PROBE_BYTES)
     offset = len(BOM) if probe.startswith(BOM) else 0
@@ -97,7 +119,7 @@ def read_header(path: str, required: Sequence[str] = ()) -> Header:
 
 
 def plan_ranges(header: Header, range_bytes: int = DEFAULT_RANGE_BYTES) -> List[ByteRange]:
-    size = tf.io.gfile.stat(header.path).length
+    size = _size(header.path)
     starts = list(range(header.data_start, max(size, header.data_start + 1), max(1, int(range_bytes))))
     return [ByteRange(header.path, i, start, min(size, start + range_bytes)) for i, start in enumerate(starts)]
 
@@ -174,7 +196,7 @@ def read_range(header: Header, byte_range: ByteRange,
 def read_file(path: str, required: Sequence[str] = ()) -> Tuple[Header, Iterator[Record]]:
     """A whole (small) file as one range: its checked header and its records."""
     header = read_header(path, required)
-    size = tf.io.gfile.stat(path).length
+    size = _size(path)
     return header, read_range(header, ByteRange(path, 0, header.data_start, max(size, header.data_start)))
 
 

@@ -17,25 +17,23 @@ What a config value must be is checked by the config object itself
 - the side tables: readable, their key present, non-empty and unique;
 - paths the run writes at its end (`--report`) and the MLMD sqlite file.
 
-Local paths are read with plain file calls (the CSV header reader mirrors
-components/csv_reader.read_header, which imports TensorFlow); URLs (gs://,
-...) go through tf.io.gfile, which costs TensorFlow's import.
+Local paths are read with plain file calls, CSVs with the pipeline's own
+reader (components/csv_reader.py); URLs (gs://, ...) go through tf.io.gfile,
+which costs TensorFlow's import.
 """
 from __future__ import annotations
 
-import csv
 import glob
-import io
 import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from pipeline import files
 from pipeline.config import IncrecConfig, is_remote
 
-REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label")  # components/example_gen.REQUIRED_COLUMNS
-SIDE_TABLES = {"items.csv": "item_id", "users.csv": "user_id"}  # components/example_gen.SIDE_TABLES
+REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp", "label")  # as components/example_gen (which loads TF)
+SIDE_TABLES = {"items.csv": "item_id", "users.csv": "user_id"}  # as components/example_gen
 NOT_FEATURES = ("user_id", "item_id", "timestamp", "label")
 HEADER_PROBE_BYTES = 1 << 20
-BOM = b"\xef\xbb\xbf"
 SIDE_TABLE_SCAN_BYTES = 64 << 20  # side tables up to this size are read whole (keys present and unique)
 SHOWN_COLUMNS = 12
 
@@ -52,12 +50,7 @@ def _gfile():
     return tf.io.gfile
 
 
-def exists(path: str) -> bool:
-    return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
-
-
-def isdir(path: str) -> bool:
-    return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+exists, isdir = files.exists, files.isdir
 
 
 def _glob(pattern: str) -> List[str]:
@@ -146,55 +139,18 @@ def metadata_local(config: IncrecConfig) -> None:
 # --- CSV headers ---
 
 def read_header(path: str, required: Sequence[str] = ()) -> Tuple[List[str], bool]:
-    """(columns, whether a data row follows) of a CSV file; UsageError naming the file and line 1.
+    """(columns, whether a data row follows) of a CSV file, read by the pipeline's own reader; UsageError
+    naming the file and line."""
+    from components import csv_reader
 
-    The same checks as components/csv_reader.read_header (BOM dropped, names
-    stripped, required columns, no duplicates), from the first MiB of the file.
-    """
     try:
-        probe = _read_bytes(path, HEADER_PROBE_BYTES)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a CSV file") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if probe.startswith(BOM):
-        probe = probe[len(BOM):]
-    first_line_end = probe.find(b"\n")
-    try:
-        text = probe.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if first_line_end < 0 or e.start < first_line_end:
-            raise UsageError(f"{path}, line 1: not valid UTF-8 ({e.reason})") from None
-        text = probe[:e.start].decode("utf-8")  # past the header: the pipeline names that line
-    stream = io.StringIO(text, newline="")
-    reader = csv.reader(_lines_at_newline(stream), strict=False)
-    try:
-        columns = [c.strip() for c in next(reader)]
-    except StopIteration:
-        raise UsageError(f"{path}: the file is empty (a header row is required)") from None
-    except csv.Error as e:
-        raise UsageError(f"{path}, line 1: unparseable CSV header ({e})") from None
-    missing = [c for c in required if c not in columns]
-    if missing:
-        raise UsageError(f"{path}, line 1: missing required column(s) {', '.join(missing)} "
-                         f"(header: {', '.join(columns)})")
-    duplicated = sorted({c for c in columns if columns.count(c) > 1})
-    if duplicated:
-        raise UsageError(f"{path}, line 1: duplicate column name(s) {', '.join(duplicated)}")
-    rest = stream.read()
-    has_rows = bool(rest.strip()) or len(probe) >= HEADER_PROBE_BYTES
-    return columns, has_rows
-
-
-def _lines_at_newline(stream: io.StringIO) -> Iterable[str]:
-    """Lines split at "\\n" only, as the pipeline's reader splits them (not at U+2028 and the like)."""
-    while True:
-        line = stream.readline()
-        if not line:
-            return
-        yield line
+        header = csv_reader.read_header(path, required)
+        first = csv_reader.ByteRange(path, 0, header.data_start,
+                                     min(_size(path), header.data_start + HEADER_PROBE_BYTES))
+        has_rows = next(csv_reader.read_range(header, first), None) is not None
+    except csv_reader.CsvError as e:
+        raise UsageError(str(e)) from None
+    return header.columns, has_rows
 
 
 # --- side tables ---
@@ -215,29 +171,23 @@ def side_tables(data_dir: str) -> Dict[str, List[str]]:
 
 def _check_side_rows(path: str, columns: List[str], key: str) -> None:
     """Every record of a (local) side table: the header's width, a key, and no key twice."""
-    at, width, first_line = columns.index(key), len(columns), {}
+    from components import csv_reader
+
+    at, first_line = columns.index(key), {}
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, strict=False)
-            next(reader, None)
-            line = reader.line_num + 1
-            for fields in reader:
-                record_line, line = line, reader.line_num + 1
-                if not fields or all(not v.strip() for v in fields):
-                    continue
-                if len(fields) != width:
-                    raise UsageError(f"{path}, line {record_line}: expected {width} fields, found {len(fields)}")
-                value = fields[at].strip()
-                if not value:
-                    raise UsageError(f"{path}, line {record_line}, column {key}: empty {key}")
-                if value in first_line:
-                    raise UsageError(f"{path}, line {record_line}, column {key}: duplicate {key} {value!r} "
-                                     f"(first on line {first_line[value]})")
-                first_line[value] = record_line
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not valid UTF-8 ({e.reason})") from None
-    except csv.Error as e:
-        raise UsageError(f"{path}: unparseable CSV ({e})") from None
+        _, records = csv_reader.read_file(path, (key,))
+        for line, fields, reason in records:
+            if fields is None:
+                raise UsageError(f"{path}, line {line}: {reason}")
+            value = fields[at].strip()
+            if not value:
+                raise UsageError(f"{path}, line {line}, column {key}: empty {key}")
+            if value in first_line:
+                raise UsageError(f"{path}, line {line}, column {key}: duplicate {key} {value!r} "
+                                 f"(first on line {first_line[value]})")
+            first_line[value] = line
+    except csv_reader.CsvError as e:
+        raise UsageError(str(e)) from None
 
 
 # --- the curated schema ---
