@@ -248,42 +248,29 @@ def span_line(record: Dict[str, Any]) -> str:
             f"{record['examples_trained']} examples, train {record['train_seconds']:.1f}s, run {record['run_seconds']:.1f}s")
 
 
-class _ComponentProgress(logging.Handler):
-    """Shows the running component in the progress bar, from the LocalDagRunner's log lines."""
-
-    def __init__(self, bar):
-        super().__init__(logging.INFO)
-        self.bar = bar
-
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith("Component ") and message.endswith(" is running."):
-            self.bar.set_postfix_str(message[len("Component "):-len(" is running.")])
-
-
-def run_spans(config, spans: List[int], show_progress: bool = True) -> List[Dict[str, Any]]:
+def run_spans(config, spans: List[int], show_progress: bool = True, verbose: bool = False) -> List[Dict[str, Any]]:
+    """Runs spans in order with a progress bar that names the running component; stops at an interrupt."""
     from tqdm import tqdm
 
-    from pipeline.local_runner import SpanRunError, run_span
+    from pipeline.local_runner import SpanInterrupted, SpanRunError, run_span
 
     records = []
     bar = tqdm(total=len(spans), unit="span", disable=not show_progress, file=sys.stderr,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} spans [{elapsed}<{remaining}{postfix}]")
-    hook = _ComponentProgress(bar)
-    absl_logger = logging.getLogger("absl")
-    absl_logger.addHandler(hook)
     try:
         for span in spans:
             bar.set_description(f"span {span}")
             try:
-                record = run_span(config, span)
+                record = run_span(config, span, on_component=bar.set_postfix_str, verbose=verbose)
             except SpanRunError as e:
                 record = e.record
+            except SpanInterrupted as e:
+                bar.write(span_line(e.record))
+                raise
             records.append(record)
             bar.write(span_line(record))
             bar.update(1)
     finally:
-        absl_logger.removeHandler(hook)
         bar.close()
     return records
 
@@ -370,7 +357,7 @@ def _run(args, spans: List[int]) -> Tuple[Any, List[Dict[str, Any]]]:
             _note(f"first run of this deployment: its settings are saved in {config_path(args.work)}; later runs "
                   f"use them, and their flags apply to that run only (increc config --work {args.work} "
                   f"shows and changes them)")
-        records = run_spans(loaded.config, spans, show_progress=not args.no_progress)
+        records = run_spans(loaded.config, spans, show_progress=not args.no_progress, verbose=args.verbose)
     return loaded.config, records
 
 

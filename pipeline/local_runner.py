@@ -7,12 +7,16 @@ to `WORK/history.jsonl`, and returned for the backfill report.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
+import multiprocessing
 import os
+import signal
+import threading
 import time
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 from pipeline import files
 from pipeline.config import IncrecConfig, is_remote
@@ -89,14 +93,33 @@ def _root_cause(error: BaseException) -> str:
     return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
 
 
-def run_span(config: IncrecConfig, span: int) -> Dict[str, Any]:
-    """Runs the pipeline for one span; returns its history record (raises SpanRunError on a stop)."""
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    from tfx import v1 as tfx
+class SpanInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM stopped a span's run; it is recorded as interrupted and nothing half-made serves."""
 
-    from pipeline import outcome, timeline
-    from pipeline.pipeline import create_pipeline
+    exit_status = 130  # the shell's convention for a command stopped by SIGINT
 
+    def __init__(self, message: str, record: Dict[str, Any]):
+        super().__init__(message)
+        self.record = record
+
+
+INTERRUPTING = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_span(config: IncrecConfig, span: int, on_component: Optional[Callable[[str], None]] = None,
+             verbose: bool = False) -> Dict[str, Any]:
+    """Runs the pipeline for one span; returns its history record.
+
+    The pipeline runs in a child process of its own process group, which this
+    one supervises: Ctrl-C or SIGTERM here kills the whole group at once
+    (TFX and Beam swallow a KeyboardInterrupt and carry on), records the run
+    as interrupted and raises SpanInterrupted. Stopping anywhere is safe:
+    every change to the deployment is a rename or a compare-and-swap
+    (docs/ARCHITECTURE.md, "Deployment state"), so rerunning the span gives
+    what one uninterrupted run gives. The child dies with this process, so a
+    kill -9 of `increc run` stops everything too. Raises SpanRunError when the
+    pipeline stopped (bad data, anomalies, a failed component).
+    """
     if is_remote(config.metadata_path):
         raise ValueError(f"ML Metadata cannot live at {config.metadata_path}: the local runner keeps it in a sqlite "
                          f"file, which must be local; set \"metadata\" in --config to a local path")
@@ -105,20 +128,141 @@ def run_span(config: IncrecConfig, span: int) -> Dict[str, Any]:
         raise FileNotFoundError(f"no span {span}: {span_dir} does not exist")
     with work_lock(config.work_dir):
         started = time.time()
-        pipeline = create_pipeline(config, span)
-        error: Optional[BaseException] = None
+        context = multiprocessing.get_context("spawn")
+        receive, send = context.Pipe(duplex=False)
+        child = context.Process(target=_run_in_child,
+                                args=(dataclasses.asdict(config), span, started, send, verbose),
+                                name=f"increc-span-{span}")
+        stopped: List[int] = []
+        previous_handlers = _on_signals(lambda signum: stopped.append(signum) or _kill_group(child.pid))
         try:
-            tfx.orchestration.LocalDagRunner().run(pipeline)
-        except Exception as e:  # noqa: BLE001 - reported below with its root cause
-            error = e
-        record = outcome.collect(config, span, started)
-        record["run_seconds"] = round(time.time() - started, 3)
+            child.start()
+            send.close()
+            outcome = _supervise(child, receive, stopped, on_component)
+        finally:
+            _restore_signals(previous_handlers)
+            if child.is_alive():
+                _kill_group(child.pid)
+            child.join()
+        if stopped:
+            record = {"span": span, "mode": config.mode, "time": round(started, 3), "status": "interrupted",
+                      "error": f"interrupted by {signal.Signals(stopped[0]).name}",
+                      "run_seconds": round(time.time() - started, 3), "pushed_version": None}
+            append_history(config, record)
+            raise SpanInterrupted(f"span {span}: interrupted by {signal.Signals(stopped[0]).name}; "
+                                  f"nothing half-made was deployed, run the span again", record)
+        if outcome is None:
+            record = {"span": span, "mode": config.mode, "time": round(started, 3), "status": "failed",
+                      "error": f"the run's process died (exit code {child.exitcode})",
+                      "run_seconds": round(time.time() - started, 3), "pushed_version": None}
+            append_history(config, record)
+            raise SpanRunError(f"span {span}: {record['error']}", record)
+        record, error = outcome
         if error is not None:
-            record["status"] = "failed"
-            record["error"] = _root_cause(error)
-            logging.debug("span %d failed", span, exc_info=error)
-        append_history(config, record)
-        timeline.record_span(config.tensorboard_dir, record)
-        if error is not None:
-            raise SpanRunError(f"span {span}: {record['error']}", record) from error
+            raise SpanRunError(f"span {span}: {error}", record)
         return record
+
+
+def _supervise(child, receive, stopped: List[int], on_component) -> Optional[tuple]:
+    """Relays the child's progress until it ends; returns (record, error or None), or None if it sent none."""
+    outcome = None
+    while not stopped:
+        if receive.poll(0.2):
+            try:
+                kind, *payload = receive.recv()
+            except EOFError:
+                break
+            if kind == "component" and on_component is not None:
+                on_component(payload[0])
+            elif kind == "outcome":
+                outcome = tuple(payload)
+        elif not child.is_alive():
+            break
+    return outcome
+
+
+def _on_signals(handler):
+    """Installs `handler(signum)` for Ctrl-C and SIGTERM; returns what to restore (nothing off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return {signum: signal.signal(signum, lambda n, _: handler(n)) for signum in INTERRUPTING}
+
+
+def _restore_signals(previous) -> None:
+    for signum, handler in (previous or {}).items():
+        signal.signal(signum, handler)
+
+
+def _kill_group(pid: Optional[int]) -> None:
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _run_in_child(fields: Dict[str, Any], span: int, started: float, send, verbose: bool) -> None:
+    """The pipeline run itself, in the supervised child process."""
+    os.setsid()  # a process group of its own: a terminal's Ctrl-C reaches the supervisor, which stops the group
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    config = IncrecConfig(**fields)
+    from pipeline.cli import _quiet
+
+    _quiet(verbose)
+    progress = _ComponentNames(send)
+    logging.getLogger("absl").addHandler(progress)
+    try:
+        record, error = _run_pipeline(config, span, started)
+    finally:
+        logging.getLogger("absl").removeHandler(progress)
+    send.send(("outcome", record, error))
+    send.close()
+
+
+def _run_pipeline(config: IncrecConfig, span: int, started: float):
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    from pipeline import outcome, timeline
+    from pipeline.pipeline import create_pipeline
+
+    pipeline = create_pipeline(config, span)
+    error: Optional[BaseException] = None
+    try:
+        LocalDagRunner().run(pipeline)
+    except Exception as e:  # noqa: BLE001 - reported below with its root cause
+        error = e
+    record = outcome.collect(config, span, started)
+    record["run_seconds"] = round(time.time() - started, 3)
+    if error is not None:
+        record["status"] = "failed"
+        record["error"] = _root_cause(error)
+        logging.debug("span %d failed", span, exc_info=error)
+    append_history(config, record)
+    timeline.record_span(config.tensorboard_dir, record)
+    return record, (record["error"] if error is not None else None)
+
+
+class _ComponentNames(logging.Handler):
+    """Sends the name of each component the LocalDagRunner starts to the supervisor (for the progress bar)."""
+
+    def __init__(self, send):
+        super().__init__(logging.INFO)
+        self.send = send
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("Component ") and message.endswith(" is running."):
+            self.send.send(("component", message[len("Component "):-len(" is running.")]))
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGKILL when its supervisor dies, so kill -9 of `increc run` stops the run too."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
