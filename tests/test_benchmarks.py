@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.peers import LogisticIds, Popularity
+from benchmarks.peers import (GradientBoostedTrees, Inputs, LogisticFeatures, LogisticIds, Popularity,
+                             PopularityHistory, parse_examples)
 from models.metrics import auc
 
 
@@ -33,6 +34,143 @@ def test_logistic_regression_on_ids_learns_user_and_item_effects():
     assert auc(test_labels, test_logits) - auc(test_labels, scores) < 0.02, "close to the true model"
     unseen = model.predict(["new", "u19"], ["new", "i29"])
     assert unseen[1] > unseen[0], "unseen ids fall back to the intercept"
+
+
+def synthetic_inputs(rng, rows, users=200, items=150):
+    """Inputs shaped like increc's: ids, a single- and a multi-valued categorical, numbers with gaps.
+
+    The label depends on a user effect, an item effect (the same in every call), the occupation, one genre
+    and the history mean."""
+    effects = np.random.default_rng(0)
+    user_effect, item_effect = effects.normal(size=users), effects.normal(size=items)
+    u, i = rng.integers(0, users, rows), rng.integers(0, items, rows)
+    occupation = rng.choice(["a", "b", "c", ""], rows)
+    genres = [tuple(rng.choice(["Drama", "Comedy", "Horror", "War"], rng.integers(0, 3), replace=False))
+              for _ in range(rows)]
+    history_mean = rng.normal(size=rows)
+    year = rng.normal(size=rows)
+    history_mean[rng.random(rows) < 0.1] = np.nan
+    year[rng.random(rows) < 0.3] = np.nan
+    horror = np.array(["Horror" in g for g in genres])
+    logit = user_effect[u] + item_effect[i] + 1.5 * (occupation == "b") - 1.5 * horror + 1.5 * np.nan_to_num(history_mean)
+    labels = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(int)
+    inputs = Inputs([f"u{x}" for x in u], [f"i{x}" for x in i],
+                    {"occupation": [(o,) if o else () for o in occupation], "genres": genres},
+                    {"item_history_mean": history_mean, "year": year})
+    return inputs, labels, logit
+
+
+def test_gbm_learns_from_ids_categorical_and_numeric_inputs():
+    rng = np.random.default_rng(1)
+    train, labels, _ = synthetic_inputs(rng, 12000)
+    test, test_labels, test_logit = synthetic_inputs(np.random.default_rng(2), 5000)
+    for encoding in GradientBoostedTrees.ID_ENCODINGS:
+        model = GradientBoostedTrees(id_encoding=encoding).fit(train, labels)
+        scores = model.predict(test)
+        # Trees approximate the additive logit of the true model in steps: within a few points of it.
+        assert auc(test_labels, test_logit) - auc(test_labels, scores) < 0.035, f"{encoding}: close to the true model"
+        assert {"occupation", "genres=Horror", "genres_count", "item_history_mean", "year"} <= set(model.columns)
+        ids_only = GradientBoostedTrees(id_encoding=encoding).fit(Inputs(train.users, train.items), labels)
+        assert auc(test_labels, scores) > auc(test_labels, ids_only.predict(Inputs(test.users, test.items))) + 0.1
+    assert {"user_rate", "item_count"} <= set(model.columns)
+
+
+def test_gbm_codes_the_most_frequent_ids_and_lumps_the_rest():
+    rng = np.random.default_rng(7)
+    users = np.array([f"u{k}" for k in range(400)], dtype=object)[np.minimum(rng.geometric(0.01, 6000) - 1, 399)]
+    inputs = Inputs(users, np.full(6000, "i"), {"occupation": [(f"o{k % 300}",) for k in range(6000)]}, {})
+    model = GradientBoostedTrees(max_iter=5).fit(inputs, rng.integers(0, 2, 6000))
+    matrix = model._matrix(Inputs(["u0", "never-seen"], ["i", "i"], {"occupation": [("o1",), ()]}, {}))
+    assert model.columns[:3] == ["user_id", "item_id", "occupation"]
+    assert matrix[0, 0] < 254 and matrix[1, 0] == 254, "unseen ids share the 'other' code"
+    assert matrix[1, 2] != matrix[1, 2], "no value is missing (NaN)"
+    codes = model._matrix(inputs)[:, 0]
+    assert len(np.unique(codes)) == 255 and codes.max() == 254
+    kept = set(users[codes < 254])
+    counts = {u: (users == u).sum() for u in set(users)}
+    assert min(counts[u] for u in kept) >= max(counts[u] for u in set(users) - kept)
+
+
+def test_gbm_and_logistic_regression_take_unseen_values_and_missing_numbers():
+    rng = np.random.default_rng(3)
+    train, labels, _ = synthetic_inputs(rng, 5000)
+    unseen = Inputs(["never-seen", "u1", "never-seen"], ["never-seen", "i1", "i1"],
+                    {"occupation": [("new-occupation",), (), ("a",)], "genres": [("Western",), (), ("Drama", "War")]},
+                    {"item_history_mean": np.array([np.nan, 0.5, np.nan]), "year": np.array([np.nan] * 3)})
+    for model in (GradientBoostedTrees(), GradientBoostedTrees(id_encoding="rates"), LogisticFeatures()):
+        scores = model.fit(train, labels).predict(unseen)
+        assert scores.shape == (3,) and np.isfinite(scores).all() and ((scores > 0) & (scores < 1)).all()
+
+
+def test_gbm_learns_a_target_that_only_a_history_feature_explains():
+    rng = np.random.default_rng(4)
+    rows = 8000
+    history = rng.normal(size=rows)
+    labels = (history + 0.3 * rng.normal(size=rows) > 0).astype(int)
+    inputs = Inputs(rng.choice([f"u{k}" for k in range(50)], rows), rng.choice([f"i{k}" for k in range(50)], rows),
+                    {}, {"user_history_mean": history, "noise": rng.normal(size=rows)})
+    train = Inputs(inputs.users[:6000], inputs.items[:6000], {}, {k: v[:6000] for k, v in inputs.numeric.items()})
+    model = GradientBoostedTrees().fit(train, labels[:6000])
+    held_out = Inputs(inputs.users[6000:], inputs.items[6000:], {}, {k: v[6000:] for k, v in inputs.numeric.items()})
+    assert auc(labels[6000:], model.predict(held_out)) > 0.95
+    without = Inputs(held_out.users, held_out.items, {}, {"user_history_mean": np.full(2000, np.nan),
+                                                          "noise": held_out.numeric["noise"]})
+    assert auc(labels[6000:], model.predict(without)) < 0.6, "the history feature is what it uses"
+
+
+def test_logistic_regression_with_features_beats_ids_only_and_popularity_follows_the_history_mean():
+    rng = np.random.default_rng(5)
+    train, labels, _ = synthetic_inputs(rng, 10000)
+    test, test_labels, _ = synthetic_inputs(np.random.default_rng(6), 4000)
+    with_features = auc(test_labels, LogisticFeatures().fit(train, labels).predict(test))
+    ids_only = auc(test_labels, LogisticIds().fit(train.users, train.items, labels).predict(test.users, test.items))
+    assert with_features > ids_only + 0.1
+    popularity = PopularityHistory().fit(train, labels).predict(test)
+    current = test.numeric["item_history_mean"]
+    np.testing.assert_array_equal(popularity[~np.isnan(current)], current[~np.isnan(current)])
+    assert np.isfinite(popularity).all()
+    no_history = Inputs(test.users, test.items)
+    fitted = PopularityHistory().fit(Inputs(train.users, train.items), labels).predict(no_history)
+    id_only = Popularity().fit(train.users, train.items, labels)
+    np.testing.assert_allclose(fitted, id_only.predict(test.users, test.items))
+
+
+def test_examples_parse_into_inputs():
+    import tensorflow as tf
+
+    def example(user, item, label, genres, year):
+        feature = {"user_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[user.encode()])),
+                   "item_id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[item.encode()])),
+                   "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+                   "genres": tf.train.Feature(bytes_list=tf.train.BytesList(value=[g.encode() for g in genres])),
+                   "year": tf.train.Feature(float_list=tf.train.FloatList(value=year))}
+        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+    inputs, labels = parse_examples([example("u1", "i1", 1, ["Drama", "War"], [1999.0]),
+                                     example("u2", "i1", 0, [], [])], ["genres"], ["year", "user_history"])
+    assert list(inputs.users) == ["u1", "u2"] and list(labels) == [1, 0]
+    assert inputs.categorical["genres"] == [("Drama", "War"), ()]
+    np.testing.assert_array_equal(inputs.numeric["year"], [1999.0, np.nan])
+    assert np.isnan(inputs.numeric["user_history"]).all(), "a feature an example lacks is missing"
+    both = Inputs.concat([inputs, inputs])
+    assert len(both) == 4 and both.categorical["genres"][2] == ("Drama", "War")
+
+
+def test_the_feature_peers_get_the_side_features_increc_trains_on(tmp_path):
+    import json
+
+    from benchmarks.prequential import model_features
+
+    (tmp_path / "schema").mkdir()
+    (tmp_path / "schema" / "schema.pbtxt").write_text("\n".join(
+        f'feature {{ name: "{name}" type: {kind} }}' for name, kind in
+        [("user_id", "BYTES"), ("item_id", "BYTES"), ("timestamp", "INT"), ("label", "INT"), ("genres", "BYTES"),
+         ("year", "FLOAT"), ("user_history", "FLOAT"), ("item_history_mean", "FLOAT")]))
+    assert model_features(tmp_path) == (["genres"], ["item_history_mean", "user_history", "year"])
+    (tmp_path / "config.json").write_text(json.dumps({"ignored_features": ["year"]}))
+    assert model_features(tmp_path) == (["genres"], ["item_history_mean", "user_history"])
+    (tmp_path / "config.json").write_text(json.dumps({"side_features": False}))
+    assert model_features(tmp_path) == ([], [])
 
 
 def test_each_span_run_is_found_in_mlmd_with_its_component_times(shared_run):
