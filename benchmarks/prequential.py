@@ -1,11 +1,14 @@
-"""Prequential benchmark: increc incremental vs full retraining, a frozen model and two peers.
+"""Prequential benchmark: increc incremental vs full retraining, a frozen model and five peers.
 
 On the same time-ordered spans of each data set, in one run:
   - incremental: the default pipeline (`increc backfill`), with a model server
     up from span 2 on, so every push is loaded by a live server;
   - full: the same pipeline with `--mode full` (retrained from scratch on spans 1..N);
   - frozen: the model trained on span 1, never updated;
-  - popularity and logistic_regression (benchmarks/peers.py): retrained on spans 1..N-1.
+  - peers retrained on spans 1..N-1 (benchmarks/peers.py): popularity and
+    logistic_regression on ids only; popularity_history, logistic_regression_history
+    and gbm (gradient-boosted trees) on exactly increc's inputs: the ids, the side
+    features and the history features of the tf.Examples the pipeline trained on.
 For every span N >= 2 it reports the AUC on span N of the model that existed
 before span N arrived (for increc, the version serving when span N landed:
 the live AUC), train seconds, run seconds and examples trained. All models
@@ -47,7 +50,8 @@ DATASETS = {
     "movielens": {"format": "movielens", "input": REPO.parent / "shared" / "data" / "ml-latest-small",
                   "label_threshold": 4.0},
 }
-MODELS = ("incremental", "full", "frozen", "popularity", "logistic_regression")
+MODELS = ("incremental", "full", "frozen", "popularity", "logistic_regression", "popularity_history",
+          "logistic_regression_history", "gbm")
 DEFAULT_ABLATIONS = "no_history_features,adam,no_replay,distill_0.5"
 
 
@@ -113,23 +117,37 @@ def reused_mode(work: Path, data: Path, previous: Dict[str, Any]) -> Dict[str, A
     return dict({k: v for k, v in previous.items() if k not in ("records", "segments")}, records=records)
 
 
+def model_features(work: Path):
+    """(categorical, numeric) side features increc's model takes in a work directory: the curated
+    schema's, less what its settings leave out."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    from models import features as F
+
+    schema = text_format.Parse((work / "schema" / "schema.pbtxt").read_text(), schema_pb2.Schema())
+    categorical, numeric = F.split_columns(schema)
+    config_file = work / "config.json"
+    settings = json.loads(config_file.read_text()) if config_file.exists() else {}
+    if not settings.get("side_features", True):
+        return [], []
+    ignored = set(settings.get("ignored_features") or [])
+    return [c for c in categorical if c not in ignored], [n for n in numeric if n not in ignored]
+
+
 def span_rows(work: Path) -> Dict[int, Dict[str, Any]]:
-    """{span: records, users, items, labels} from the ExampleGen output of a work directory."""
-    import numpy as np
-    import tensorflow as tf
-
+    """{span: records, users, items, labels, inputs} from the ExampleGen output of a work directory
+    (inputs: benchmarks.peers.Inputs, the features increc's model takes)."""
     from benchmarks.ablations import read_split, span_inputs
+    from benchmarks.peers import parse_examples
 
+    categorical, numeric = model_features(work)
     rows = {}
     for span, paths in span_inputs(str(work)).items():
         records = read_split(paths["examples"], "train") + read_split(paths["examples"], "eval")
-        users, items, labels = [], [], []
-        for record in records:
-            feature = tf.train.Example.FromString(record).features.feature
-            users.append(feature["user_id"].bytes_list.value[0].decode())
-            items.append(feature["item_id"].bytes_list.value[0].decode())
-            labels.append(feature["label"].int64_list.value[0])
-        rows[span] = {"records": records, "users": users, "items": items, "labels": np.array(labels)}
+        inputs, labels = parse_examples(records, categorical, numeric)
+        rows[span] = {"records": records, "users": list(inputs.users), "items": list(inputs.items),
+                      "labels": labels, "inputs": inputs}
     return rows
 
 
@@ -152,7 +170,7 @@ def scored(labels, scores, new_users) -> Dict[str, Optional[float]]:
 def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, Dict[int, Dict[str, Any]]]:
     import numpy as np
 
-    from benchmarks.peers import PEERS
+    from benchmarks.peers import FEATURE_PEERS, PEERS, Inputs
     from models.export import score_examples
     from pipeline import outcome
     from pipeline.config import IncrecConfig
@@ -163,7 +181,7 @@ def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, D
     frozen_dir = os.path.join(first_model, "Format-Serving")
     with open(os.path.join(first_model, "training_summary.json")) as f:
         frozen_train = json.load(f)
-    out: Dict[str, Dict[int, Dict[str, Any]]] = {"frozen": {}, **{name: {} for name in PEERS}}
+    out: Dict[str, Dict[int, Dict[str, Any]]] = {"frozen": {}, **{name: {} for name in (*PEERS, *FEATURE_PEERS)}}
     for span in spans[1:]:
         target = rows[span]
         new_users = new_user_mask(rows, span)
@@ -174,11 +192,17 @@ def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, D
         users = [u for r in earlier for u in r["users"]]
         items = [i for r in earlier for i in r["items"]]
         labels = np.concatenate([r["labels"] for r in earlier])
-        for name, peer in PEERS.items():
+        inputs = Inputs.concat([r["inputs"] for r in earlier])
+        for name, peer in [*PEERS.items(), *FEATURE_PEERS.items()]:
             started = time.time()
-            model = peer().fit(users, items, labels)
-            trained = time.time() - started
-            scores = model.predict(target["users"], target["items"])
+            if name in PEERS:
+                model = peer().fit(users, items, labels)
+                trained = time.time() - started
+                scores = model.predict(target["users"], target["items"])
+            else:
+                model = peer().fit(inputs, labels)
+                trained = time.time() - started
+                scores = model.predict(target["inputs"])
             out[name][span] = dict(scored(target["labels"], scores, new_users), train_seconds=round(trained, 3),
                                    examples_trained=len(labels), run_seconds=round(time.time() - started, 3))
     out["frozen"]["span_1_train_seconds"] = frozen_train["train_seconds"]
@@ -262,6 +286,9 @@ def goals(summaries: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
         if auc_["incremental"] is not None and auc_["logistic_regression"] is not None:
             goal(f"{name}: incremental mean AUC >= logistic regression's + 0.02", round(auc_["incremental"], 4),
                  round(auc_["logistic_regression"] + 0.02, 4), auc_["incremental"] >= auc_["logistic_regression"] + 0.02)
+        if auc_["incremental"] is not None and auc_.get("gbm") is not None:
+            goal(f"{name}: incremental mean live AUC >= the feature-equal GBM's + 0.01", round(auc_["incremental"], 4),
+                 round(auc_["gbm"] + 0.01, 4), auc_["incremental"] >= auc_["gbm"] + 0.01)
         seconds = s["train_seconds_last_span"]
         if seconds.get("incremental") and seconds.get("full"):
             goal(f"{name}: incremental train seconds at span {s['last_span']} <= 0.35 x full retrain's",
@@ -276,7 +303,11 @@ def goals(summaries: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def markdown(results: Dict[str, Any]) -> str:
     parts = ["# Prequential benchmark", "",
-             "AUC on span N of the model that existed before span N arrived; seconds of that span's run.", ""]
+             "AUC on span N of the model that existed before span N arrived; seconds of that span's run.",
+             "Peers are trained on spans 1..N-1: popularity and logistic_regression see the user and item ids "
+             "only; popularity_history (the item's mean outcome so far, from the history features), "
+             "logistic_regression_history and gbm (gradient-boosted trees) see exactly increc's inputs: ids, side "
+             "features and history features (benchmarks/peers.py).", ""]
     for name, result in results["datasets"].items():
         parts += [f"## {name}", ""]
         rows = []
@@ -330,7 +361,8 @@ def plot(results: Dict[str, Any], path: str) -> None:
         for model in MODELS:
             axes[row][0].plot(spans, [r.get(model, {}).get("auc") for r in table], marker="o", label=model)
         axes[row][0].set(title=f"{name}: AUC on span N of the model before it", xlabel="span", ylabel="AUC")
-        for model, style in (("incremental", "-"), ("full", "-"), ("logistic_regression", ":")):
+        for model, style in (("incremental", "-"), ("full", "-"), ("logistic_regression", ":"),
+                             ("logistic_regression_history", ":"), ("gbm", ":")):
             axes[row][1].plot(spans, [r.get(model, {}).get("train_seconds") for r in table], style, marker="o",
                               label=f"{model} train")
         for model in ("incremental", "full"):
