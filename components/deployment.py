@@ -33,6 +33,7 @@ from serving import model_config
 from serving.model_config import PREVIOUS, STABLE, Deployment
 
 ROLLED_BACK_FILE = "rolled_back.json"
+PUSH_RECORD = os.path.join("assets.extra", "increc_push.json")  # which span a version was pushed for
 NO_SERVER = "no server reachable; it reads models.config when it starts"
 
 
@@ -73,14 +74,22 @@ class DeploymentState:
         return model_config.read_deployment(self.models_config_path, self.model_name)
 
     def versions_on_disk(self) -> List[int]:
-        return model_config.version_dirs(self.base_path)
+        return model_config.versions_on_disk(self.base_path)
 
     def version_dir(self, version: Optional[int]) -> Optional[str]:
-        """The SavedModel directory of a version, or None when it is not on disk."""
-        if version is None:
+        """The SavedModel directory of a version (`00000123` for 123 too), or None when it is not on disk."""
+        name = model_config.version_dirs(self.base_path).get(version) if version is not None else None
+        path = os.path.join(self.base_path, name) if name is not None else None
+        return path if path is not None and tf.io.gfile.exists(os.path.join(path, "saved_model.pb")) else None
+
+    def pushed_span(self, version: Optional[int]) -> Optional[int]:
+        """The span a version was pushed for (None for versions increc did not push)."""
+        path = self.version_dir(version)
+        record = os.path.join(path, PUSH_RECORD) if path else None
+        if record is None or not tf.io.gfile.exists(record):
             return None
-        path = os.path.join(self.base_path, str(version))
-        return path if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")) else None
+        with tf.io.gfile.GFile(record) as f:
+            return json.load(f).get("span")
 
     def rolled_back(self) -> Dict[int, dict]:
         path = os.path.join(self.serving_dir, ROLLED_BACK_FILE)
@@ -90,7 +99,8 @@ class DeploymentState:
             return {int(k): v for k, v in json.load(f).items()}
 
     # --- changing ---
-    def push(self, saved_model_dir: str, expected: Optional[Deployment], keep_versions: int) -> Pushed:
+    def push(self, saved_model_dir: str, expected: Optional[Deployment], keep_versions: int,
+             span: Optional[int] = None) -> Pushed:
         """Publishes a SavedModel as the new stable version (the old stable becomes previous).
 
         `expected` is the deployment the run resolved when it started (None: nothing was
@@ -100,7 +110,7 @@ class DeploymentState:
             raise ValueError(f"{saved_model_dir} holds no SavedModel (saved_model.pb is missing)")
         old = self._check_unchanged(expected)
         self._remove_orphans(old)
-        version = self._publish(saved_model_dir)
+        version = self._publish(saved_model_dir, {"span": span, "time": round(time.time(), 3)})
         labels = {STABLE: version}
         if old is not None and old.stable is not None:
             labels[PREVIOUS] = old.stable
@@ -155,12 +165,12 @@ class DeploymentState:
         crashed push left; they never served. Without this a rerun would leave two new versions."""
         named = set(current.versions) if current is not None else set()
         newest = current.stable if current is not None and current.stable is not None else -1
-        for version in self.versions_on_disk():
+        for version, name in model_config.version_dirs(self.base_path).items():
             if version > newest and version not in named:
                 logging.warning("removing version %d: a push that did not finish left it", version)
-                _remove_tree(os.path.join(self.base_path, str(version)))
+                _remove_tree(os.path.join(self.base_path, name))
 
-    def _publish(self, saved_model_dir: str) -> int:
+    def _publish(self, saved_model_dir: str, record: dict) -> int:
         """Copies the SavedModel in as a new version directory; returns the version.
 
         Locally the copy goes to a hidden directory renamed into place (atomic).
@@ -179,12 +189,14 @@ class DeploymentState:
                     if not (relative == "." and name == "saved_model.pb"):
                         tf.io.gfile.copy(os.path.join(directory, name), os.path.join(target, relative, name),
                                          overwrite=True)
+            _write_record(target, record)
             tf.io.gfile.copy(os.path.join(saved_model_dir, "saved_model.pb"), os.path.join(target, "saved_model.pb"),
                              overwrite=True)
             return version
         staging = os.path.join(self.base_path, f".incoming-{uuid.uuid4().hex}")
         try:
             io_utils.copy_dir(saved_model_dir, staging)
+            _write_record(staging, record)
         except Exception:
             _remove_tree(staging)
             raise
@@ -221,12 +233,12 @@ class DeploymentState:
 
     def _prune(self, keep: int, protected: List[int]) -> List[int]:
         """Deletes the oldest unlabelled versions beyond `keep`; returns what was deleted."""
-        versions = self.versions_on_disk()
-        deletable = [v for v in versions if v not in set(protected)]
-        excess = max(0, len(versions) - max(keep, len(protected)))
+        names = model_config.version_dirs(self.base_path)
+        deletable = [v for v in names if v not in set(protected)]
+        excess = max(0, len(names) - max(keep, len(protected)))
         removed = sorted(deletable)[:excess]
         for version in removed:
-            _remove_tree(os.path.join(self.base_path, str(version)))
+            _remove_tree(os.path.join(self.base_path, names[version]))
         return removed
 
     def _mark(self, version: int, details: dict) -> None:
@@ -248,6 +260,22 @@ def _versions(pair) -> str:
     return f"v{stable}/v{previous}" if stable is not None else "nothing"
 
 
+def _write_record(version_dir: str, record: dict) -> None:
+    tf.io.gfile.makedirs(os.path.join(version_dir, os.path.dirname(PUSH_RECORD)))
+    with tf.io.gfile.GFile(os.path.join(version_dir, PUSH_RECORD), "w") as f:
+        json.dump(record, f)
+
+
 def _remove_tree(path: str) -> None:
-    if tf.io.gfile.exists(path):
+    if not tf.io.gfile.exists(path):
+        return
+    try:
         tf.io.gfile.rmtree(path)
+    except tf.errors.NotFoundError:
+        # Some file systems (TensorFlow's ram://) list children that a recursive delete then misses:
+        # delete file by file, deepest first.
+        for directory, _, names in tf.io.gfile.walk(path, topdown=False):
+            for name in names:
+                tf.io.gfile.remove(os.path.join(directory, name))
+            if tf.io.gfile.exists(directory):
+                tf.io.gfile.remove(directory)

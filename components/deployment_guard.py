@@ -89,19 +89,19 @@ def saved_model_scorer(path: str):
     return lambda records: regress(inputs=tf.constant(records))["outputs"].numpy().ravel()
 
 
-def live_aucs(state: DeploymentState, deployment: Deployment, patterns: List[str], client=None, categorical=(),
+def live_aucs(state: DeploymentState, versions: List[tuple], patterns: List[str], client=None, categorical=(),
               numeric=()) -> Dict[str, Optional[float]]:
-    """AUC of the stable and previous versions on the span, scored batch by batch as the records stream past.
+    """AUC on the span of each (name, server label, version), scored batch by batch as the records stream past.
 
     Only labels and scores (numbers) are kept, never the span's examples.
     """
     out: Dict[str, Optional[float]] = {"measured_by": "server" if client is not None else "saved_model"}
     scorers = {}
-    for name, label, version in (("live_auc", STABLE, deployment.stable), ("previous_auc", PREVIOUS, deployment.previous)):
+    for name, label, version in versions:
         path = state.version_dir(version)
         out[name] = None
         if path is not None:
-            scorers[name] = (server_scorer(client, deployment.model_name, label, categorical, numeric)
+            scorers[name] = (server_scorer(client, state.model_name, label, categorical, numeric)
                              if client is not None else saved_model_scorer(path))
     labels, scores = [], {name: [] for name in scorers}
     rows = 0
@@ -129,9 +129,13 @@ def reachable_client(address: str):
 def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollback_tolerance: float) -> dict:
     """Everything the component does, as a plain function; returns the live-evaluation report.
 
-    The report's `stable_version`/`previous_version` are the deployment this run
-    acts on (after any rollback): the ServingPusher pushes only if models.config
-    still says so.
+    `serving_version`/`previous_version`: what served when the span arrived,
+    the model the run warm-starts from and gates against. `deployed_stable`/
+    `deployed_previous`: models.config as this run leaves it (after any
+    rollback); the ServingPusher pushes only if it still says so. A rerun of a
+    span whose earlier run was stopped after its push finds that push as
+    `stable` (`already_pushed_version`): the run then measures and trains from
+    the version before it, and the Pusher does not push the span twice.
     """
     problems = anomaly_messages(anomalies)
     span = examples.get_int_custom_property("span")
@@ -140,35 +144,44 @@ def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollbac
             f"span {span} does not match the schema; nothing was trained or pushed:\n  " + "\n  ".join(problems))
 
     deployment = state.current()
+    stable = deployment.stable if deployment is not None else None
+    previous = deployment.previous if deployment is not None else None
     report = {"span": span, "serving_version": None, "previous_version": None, "live_auc": None,
-              "previous_auc": None, "examples": 0, "rolled_back": False,
-              "stable_version": deployment.stable if deployment else None,
-              "deployed_previous_version": deployment.previous if deployment else None}
-    if deployment is None or deployment.stable is None:
+              "previous_auc": None, "examples": 0, "rolled_back": False, "deployed_stable": stable,
+              "deployed_previous": previous, "already_pushed_version": None}
+    if stable is not None and state.pushed_span(stable) == span:
+        report["already_pushed_version"] = stable
+        versions = [("live_auc", PREVIOUS, previous)] if previous is not None else []
+        serving, before = previous, None
+    else:
+        versions = [("live_auc", STABLE, stable), ("previous_auc", PREVIOUS, previous)] if stable is not None else []
+        serving, before = stable, previous
+    if not versions:
         return report
     categorical, numeric = F.split_columns(tfdv.load_schema_text(schema_path))
     client = reachable_client(state.serving_address) if state.serving_address else None
     try:
-        report.update(live_aucs(state, deployment, example_patterns(examples), client, categorical, numeric))
+        report.update(live_aucs(state, versions, example_patterns(examples), client, categorical, numeric))
     finally:
         if client is not None:
             client.close()
-    report.update(serving_version=deployment.stable, previous_version=deployment.previous)
-    live, previous = report["live_auc"], report["previous_auc"]
-    if live is not None and previous is not None and live < previous - rollback_tolerance:
+    report.update(serving_version=serving, previous_version=before)
+    live, previous_auc = report["live_auc"], report["previous_auc"]
+    if live is not None and previous_auc is not None and live < previous_auc - rollback_tolerance:
         done = state.roll_back(reason="live AUC regressed", expected=deployment, span=span, live_auc=live,
-                               previous_auc=previous)
+                               previous_auc=previous_auc)
         logging.warning("span %s: version %d has live AUC %.4f < %.4f of version %d - %.4f: rolled back (%s)",
-                        span, done.bad_version, live, previous, done.restored_version, rollback_tolerance, done.server)
+                        span, done.bad_version, live, previous_auc, done.restored_version, rollback_tolerance,
+                        done.server)
         report.update(rolled_back=True, rolled_back_version=done.bad_version,
                       restored_version=done.restored_version, serving_version=done.restored_version,
-                      stable_version=done.restored_version, deployed_previous_version=None)
+                      deployed_stable=done.restored_version, deployed_previous=None)
     return report
 
 
 def resolved_deployment(state: DeploymentState, report: dict) -> Optional[Deployment]:
-    """The deployment a guard report says the run acts on (None: nothing deployed)."""
-    stable, previous = report.get("stable_version"), report.get("deployed_previous_version")
+    """models.config as the guard left it (None: nothing deployed): what the Pusher may push onto."""
+    stable, previous = report.get("deployed_stable"), report.get("deployed_previous")
     if stable is None:
         return None
     labels = {STABLE: stable, **({PREVIOUS: previous} if previous is not None else {})}
@@ -189,7 +202,7 @@ def DeploymentGuard(
 ) -> None:
     state = DeploymentState(serving_dir, model_name, serving_address)
     report = guard(examples, anomalies, os.path.join(schema.uri, "schema.pbtxt"), state, rollback_tolerance)
-    stable_dir = state.version_dir(report["stable_version"])
+    stable_dir = state.version_dir(report["serving_version"])
     if stable_dir:
         io_utils.copy_dir(stable_dir, os.path.join(serving_model.uri, "Format-Serving"))
 

@@ -8,7 +8,9 @@ Unlike the stock Pusher it
 - pushes only onto the deployment the DeploymentGuard resolved for this run:
   if models.config changed since (a manual rollback, another run), it refuses
   and changes nothing;
-- keeps at most `keep_versions` version directories, never one a label names.
+- keeps at most `keep_versions` version directories, never one a label names;
+- pushes a span once: a rerun of a span whose earlier run was stopped after
+  its push (the version records its span) leaves that push in place.
 """
 
 import json
@@ -43,8 +45,16 @@ def ServingPusher(
         return
     state = DeploymentState(serving_dir, model_name, serving_address)
     with tf.io.gfile.GFile(os.path.join(live_evaluation.uri, REPORT_FILE)) as f:
-        expected = resolved_deployment(state, json.load(f))
-    pushed = state.push(os.path.join(model.uri, "Format-Serving"), expected, keep_versions)
+        report = json.load(f)
+    if report.get("already_pushed_version") is not None:
+        # An earlier run of this span was stopped after its push: the span is deployed once, not twice.
+        version = report["already_pushed_version"]
+        logging.info("span %s already pushed as version %d by an earlier run: not pushed again", report["span"], version)
+        pushed_model.set_int_custom_property("pushed", 0)
+        pushed_model.set_int_custom_property("already_pushed_version", version)
+        return
+    expected = resolved_deployment(state, report)
+    pushed = state.push(os.path.join(model.uri, "Format-Serving"), expected, keep_versions, span=report.get("span"))
     logging.info("pushed version %d (%s); pruned %s", pushed.version, pushed.server, pushed.removed)
     pushed_model.set_int_custom_property("pushed", 1)
     pushed_model.set_int_custom_property("pushed_version", pushed.version)

@@ -515,7 +515,7 @@ def cmd_status(args) -> int:
     from serving import model_config
 
     deployment = model_config.read_deployment(config.models_config_path, config.model_name)
-    on_disk = model_config.version_dirs(config.model_base_path)
+    on_disk = model_config.versions_on_disk(config.model_base_path)
     print(f"work directory: {config.work_dir}")
     print(f"model: {config.model_name}  base path: {config.model_base_path}")
     print(f"versions on disk: {', '.join(map(str, on_disk)) or 'none'}")

@@ -188,5 +188,10 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
         record["pushed_version"] = _custom(pushed, "pushed_version")
         record["serving_version"] = record["pushed_version"]
         record["forced_push"] = bool(_custom(pushed, "forced"))
+    elif pushed is not None and _custom(pushed, "already_pushed_version") is not None:
+        # An earlier, stopped run of this span had pushed it: that version is the span's push.
+        record["pushed_version"] = _custom(pushed, "already_pushed_version")
+        record["serving_version"] = record["pushed_version"]
+        record["pushed_by_earlier_run"] = True
     record["finished"] = round(time.time(), 3)
     return record

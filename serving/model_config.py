@@ -8,7 +8,9 @@ servers (embedded and real) read it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import uuid
 from typing import Dict, List, Optional
 
@@ -39,16 +41,45 @@ class Deployment:
         return self.labels.get(PREVIOUS)
 
 
-def version_dirs(base_path: str) -> List[int]:
-    """Numeric version directories under base_path, ascending (as TF Serving sees them)."""
+# absl::SimpleAtoi on a directory name: optional ASCII whitespace around an optional sign and ASCII digits.
+_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*", re.ASCII)
+INT64_MAX = 2 ** 63 - 1
+
+
+def parse_version(name: str) -> Optional[int]:
+    """The version number a directory name stands for, as TF Serving parses it (`00000123` is 123), else None."""
+    match = _ATOI.fullmatch(name)
+    if match is None:
+        return None
+    number = int(match.group(1))
+    return number if -INT64_MAX - 1 <= number <= INT64_MAX else None
+
+
+def version_dirs(base_path: str) -> Dict[int, str]:
+    """{version: directory name} of the children of base_path whose names parse as int64 versions.
+
+    Anything else is skipped silently, like TF Serving does (so hidden
+    staging directories never load). Two names for one number (`1`, `01`):
+    the first in sorted order wins, with a warning.
+    """
     if not tf.io.gfile.isdir(base_path):
-        return []
-    out = []
-    for name in tf.io.gfile.listdir(base_path):
-        name = name.rstrip("/")
-        if name.isdigit() and tf.io.gfile.isdir(os.path.join(base_path, name)):
-            out.append(int(name))
-    return sorted(out)
+        return {}
+    found: Dict[int, str] = {}
+    for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(base_path)):
+        number = parse_version(name)
+        if number is None or not tf.io.gfile.isdir(os.path.join(base_path, name)):
+            continue
+        if number in found:
+            logging.warning("%s: directories %r and %r are both version %d; using %r", base_path, found[number],
+                            name, number, found[number])
+            continue
+        found[number] = name
+    return found
+
+
+def versions_on_disk(base_path: str) -> List[int]:
+    """The version numbers under base_path, ascending (as TF Serving sees them)."""
+    return sorted(version_dirs(base_path))
 
 
 def read_config(path: str) -> model_server_config_pb2.ModelServerConfig:

@@ -26,6 +26,7 @@ import tensorflow as tf
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving import servable as servable_lib
+from serving.model_config import parse_version, version_dirs  # noqa: F401 - TF Serving's directory rules
 from serving.errors import ServingError, failed_precondition, invalid, not_found
 
 START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
@@ -48,39 +49,7 @@ class Model:
     labels: Dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-# absl::SimpleAtoi on a directory name: optional ASCII whitespace around an optional sign and ASCII digits.
-_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*", re.ASCII)
-INT64_MAX = 2 ** 63 - 1
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # gs://, s3://, hdfs://: what tf.io.gfile reads
-
-
-def parse_version(name: str) -> Optional[int]:
-    """The version number a directory name stands for, as TF Serving parses it (`00000123` is 123), else None."""
-    match = _ATOI.fullmatch(name)
-    if match is None:
-        return None
-    number = int(match.group(1))
-    return number if -INT64_MAX - 1 <= number <= INT64_MAX else None
-
-
-def version_dirs(base_path: str) -> Dict[int, str]:
-    """{version: directory name} of the children of base_path whose names parse as int64 versions.
-
-    Anything else is skipped silently, like TF Serving does (so hidden
-    staging directories never load). Two names for one number (`1`, `01`):
-    the first in sorted order wins, with a warning.
-    """
-    found: Dict[int, str] = {}
-    for name in sorted(n.rstrip("/") for n in tf.io.gfile.listdir(base_path)):
-        number = parse_version(name)
-        if number is None or not tf.io.gfile.isdir(os.path.join(base_path, name)):
-            continue
-        if number in found:
-            logging.warning("%s: directories %r and %r are both version %d; using %r", base_path, found[number],
-                            name, number, found[number])
-            continue
-        found[number] = name
-    return found
 
 
 def aspired_versions(config: model_server_config_pb2.ModelConfig, on_disk: List[int]) -> List[int]:

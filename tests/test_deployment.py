@@ -91,3 +91,14 @@ def test_a_deployment_on_a_remote_file_system_keeps_its_urls(saved_model):
     # sqlite cannot live on a remote file system: the local runner says so before doing anything.
     with pytest.raises(ValueError, match="must be local"):
         run_span(config, 1)
+
+
+def test_versions_named_as_tf_serving_names_them_are_found_and_pruned(tmp_path, saved_model):
+    """A directory `00000123` is version 123, as in TF Serving's own example models."""
+    import shutil
+
+    state = DeploymentState(str(tmp_path / "serving"), "m")
+    shutil.copytree(saved_model, tmp_path / "serving" / "m" / "00000123")
+    assert state.versions_on_disk() == [123] and state.version_dir(123).endswith("00000123")
+    pushed = [state.push(saved_model, state.current(), keep_versions=1).version for _ in range(2)]
+    assert state.versions_on_disk() == pushed, "the zero-padded version was pruned like any other"

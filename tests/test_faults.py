@@ -111,6 +111,7 @@ def test_killed_runs_deploy_nothing_and_the_rerun_adds_one_version(fault_runs):
     after = state.current()
     assert after.previous == before.stable and after.stable != before.stable
     assert state.versions_on_disk() == sorted([before.stable, after.stable]), "one new version, no leftovers"
+    assert state.pushed_span(after.stable) == 2 and _history(faulty)[-1]["pushed_version"] == after.stable
     for version in state.versions_on_disk():
         assert (faulty / "serving" / "increc" / str(version) / "saved_model.pb").exists()
 

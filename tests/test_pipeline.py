@@ -107,7 +107,7 @@ def test_vocabularies_only_grow(shared_run):
 def test_every_pushed_version_loads_and_answers(shared_run):
     work = shared_run["work"]
     base = work / "serving" / "increc"
-    versions = model_config.version_dirs(str(base))
+    versions = model_config.versions_on_disk(str(base))
     pushed = [r["pushed_version"] for r in history(work) if r["pushed_version"]]
     assert versions == sorted(pushed) and len(versions) >= 1
     assert versions == sorted(set(versions)), "versions must be strictly increasing"
@@ -160,7 +160,7 @@ def test_tensorboard_has_a_run_per_span_and_a_timeline(shared_run):
 
 def _serving_state(work: Path):
     config = (work / "serving" / "models.config").read_text()
-    return config, model_config.version_dirs(str(work / "serving" / "increc"))
+    return config, model_config.versions_on_disk(str(work / "serving" / "increc"))
 
 
 def test_schema_anomaly_stops_the_run_and_pushes_nothing(shared_run, tmp_path):
