@@ -76,7 +76,8 @@ def test_later_spans_warm_start_from_the_version_serving_then(shared_run):
 
 def test_rows_of_ids_absent_from_the_new_span_are_untouched(shared_run):
     data, work = shared_run["data"], shared_run["work"]
-    vocab = (work / "vocab" / "user_id.vocab").read_text().splitlines()
+    newest = max(r["span"] for r in history(work))
+    vocab = (work / "vocab" / f"after-span-{newest}" / "user_id.vocab").read_text().splitlines()
     index = {v: i for i, v in enumerate(vocab)}
     oov = json.loads((work / "config.json").read_text())["oov_buckets"]
     for record in history(work)[1:]:
