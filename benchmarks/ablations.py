@@ -121,7 +121,7 @@ def replay(work_dir: str, settings: Dict[str, Any], mode: str, scratch: str,
                          schema_path=schema, transform_output=paths["transform_graph"],
                          transform_graph_path=paths["transform_graph"], serving_model_dir=model_dir,
                          model_run_dir=run_dir, base_model=serving if mode == "incremental" else None,
-                         custom_config=dict(config.trainer_config(), span=span))
+                         custom_config=config.training_run(span).to_custom_config())
         started = time.time()
         trainer.run_fn(fn_args)
         run_seconds = time.time() - started

@@ -13,27 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-MODES = ("incremental", "full")
-OPTIMIZERS = ("adagrad", "adam")  # what models/ranking_model.build knows
+# The training settings, their defaults and rules are defined once, in models/training.py.
+from models.training import (  # noqa: F401 - ConfigError and shown are this module's API too
+    BOOL, FRACTION, MODE, PATH, TRAINING_RULES, UNIT, ConfigError, Rule, TrainingRun, TrainingSettings, check_with,
+    int_rule as _int, number_rule as _number, shown,
+)
+
 PER_RUN = ("mode", "force_push", "flip_train_labels")  # one-off switches: never saved with a deployment
-LARGEST_INT = 2**31 - 1  # TensorFlow takes most of these as int32
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class ConfigError(ValueError):
-    """A setting that cannot be used; the message names the key and, where there is one, its source.
-
-    `key` and `problem` ("must be an integer >= 1, got -1") let a caller say where the value came from.
-    """
-
-    def __init__(self, message: str, key: Optional[str] = None, problem: Optional[str] = None):
-        super().__init__(message)
-        self.key, self.problem = key, problem
 
 
 def is_remote(path: str) -> bool:
@@ -46,8 +37,8 @@ def resolve_path(path: str) -> str:
     return path if is_remote(path) else os.path.abspath(path)
 
 
-@dataclasses.dataclass
-class IncrecConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IncrecConfig(TrainingSettings):
     data_dir: str
     work_dir: str
     model_name: str = "increc"
@@ -58,28 +49,7 @@ class IncrecConfig:
     eval_fraction: float = 0.1  # the last fraction of a span, by time, is its eval split...
     max_eval_rows: int = 50_000  # ...up to this many rows, so evaluation does not grow with the span
 
-    # Model and training
-    embedding_dim: int = 32
-    side_embedding_dim: int = 8
-    oov_buckets: int = 16
-    cross_layers: int = 2
-    deep_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32])
-    id_bias: bool = True  # a learnt bias per user and per item (the wide part beside the cross and deep towers)
-    side_features: bool = True  # use the categorical and numeric side features (False: ids only)
-    ignored_features: List[str] = dataclasses.field(default_factory=list)  # side features the model leaves out
-    # Adagrad, as in the online-learning literature: per-weight step sizes let rare ids' embeddings
-    # and biases move far on the few examples they get (Adam at 0.01: 0.06-0.07 lower mean live AUC).
-    learning_rate: float = 0.1
-    optimizer: str = "adagrad"
-    batch_size: int = 256
-    # Large spans train in larger batches so an epoch takes at most this many steps: a step's cost is
-    # mostly fixed (op dispatch), so 1M rows at 256 a batch cost ~4x what they cost at 1000 (0: no cap).
-    max_steps_per_epoch: int = 1000
-    epochs: int = 2
-    replay_fraction: float = 0.2  # replay sample size, as a fraction of span N's training rows
-    replay_capacity: int = 50_000  # reservoir size (examples kept from earlier spans)
-    distillation_weight: float = 0.0  # blend of the serving model's probability into the training target
-    seed: int = 7
+    # Model and training: the fields of TrainingSettings (models/training.py), defaults and rules included.
 
     # Gates
     auc_tolerance: float = 0.002  # candidate AUC may be this much below the serving model's
@@ -91,9 +61,6 @@ class IncrecConfig:
     serving_address: str = "127.0.0.1:8500"
     force_push: bool = False  # push even when not blessed (operators and tests)
 
-    # Fault injection for tests of the gates: train on flipped labels.
-    flip_train_labels: bool = False
-
     # ML Metadata for the local runner: a sqlite file, WORK/metadata.sqlite by default. sqlite needs a
     # local file, so a work directory on a remote file system (gs://...) needs a local path here.
     metadata: Optional[str] = None
@@ -104,10 +71,11 @@ class IncrecConfig:
 
     def __post_init__(self):
         # Every field, its type and its range (ConfigError names the key); ints for floats become floats.
+        # Frozen (as TrainingSettings is): normalised values are set once, here.
         for field in dataclasses.fields(self):
-            setattr(self, field.name, check_value(field.name, getattr(self, field.name)))
-        self.data_dir = resolve_path(self.data_dir)
-        self.work_dir = resolve_path(self.work_dir)
+            object.__setattr__(self, field.name, check_value(field.name, getattr(self, field.name)))
+        object.__setattr__(self, "data_dir", resolve_path(self.data_dir))
+        object.__setattr__(self, "work_dir", resolve_path(self.work_dir))
 
     # --- the work directory layout (DESIGN.md) ---
     @property
@@ -165,31 +133,10 @@ class IncrecConfig:
             return list(self.beam_args)
         return ["--direct_running_mode=in_memory"]
 
-    def trainer_config(self) -> Dict[str, Any]:
-        """The knobs that run_fn reads (passed as Trainer custom_config)."""
-        return {
-            "embedding_dim": self.embedding_dim,
-            "side_embedding_dim": self.side_embedding_dim,
-            "oov_buckets": self.oov_buckets,
-            "cross_layers": self.cross_layers,
-            "deep_layers": list(self.deep_layers),
-            "id_bias": self.id_bias,
-            "side_features": self.side_features,
-            "ignored_features": list(self.ignored_features),
-            "distillation_weight": self.distillation_weight,
-            "learning_rate": self.learning_rate,
-            "optimizer": self.optimizer,
-            "batch_size": self.batch_size,
-            "max_steps_per_epoch": self.max_steps_per_epoch,
-            "epochs": self.epochs,
-            "mode": self.mode,
-            "replay_fraction": self.replay_fraction,
-            "replay_capacity": self.replay_capacity,
-            "replay_dir": self.replay_dir,
-            "tensorboard_dir": self.tensorboard_dir,
-            "seed": self.seed,
-            "flip_train_labels": self.flip_train_labels,
-        }
+    def training_run(self, span: Optional[int]) -> TrainingRun:
+        """What the Trainer is told for `span` (None: the newest in data_dir), as its custom_config."""
+        return TrainingRun(settings=self.training_settings(), mode=self.mode, span=span, data_dir=self.data_dir,
+                           replay_dir=self.replay_dir, tensorboard_dir=self.tensorboard_dir)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -216,37 +163,6 @@ def field_names() -> List[str]:
 
 # --- checking values ---
 
-def shown(value: Any) -> str:
-    """A value as JSON would write it (strings quoted), shortened."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """A field's type (`kind`, which also says how `--set` text is parsed) and what its values must satisfy."""
-
-    kind: str  # int, number, bool, str, optional_str, int_list, str_list, optional_str_list
-    expected: str  # "an integer >= 1": completes "<key> must be ..."
-    ok: Callable[[Any], bool] = lambda value: True
-
-
-def _int(low: int, high: int = LARGEST_INT) -> Rule:
-    expected = f"an integer >= {low}" if high == LARGEST_INT else f"an integer from {low} to {high}"
-    return Rule("int", expected, lambda v: low <= v <= high)
-
-
-def _number(expected: str, ok: Callable[[float], bool]) -> Rule:
-    return Rule("number", f"a number {expected}", ok)
-
-
-def _choice(options: Tuple[str, ...]) -> Rule:
-    return Rule("str", "one of " + ", ".join(options), lambda v: v in options)
-
-
 def _address(value: str) -> bool:
     """host:port (TF Serving's gRPC address), unix:PATH, or empty for "no server"."""
     if value == "" or value.startswith("unix:"):
@@ -255,86 +171,30 @@ def _address(value: str) -> bool:
     return bool(host.strip("[]")) and port.isdigit() and 1 <= int(port) <= 65535
 
 
-FRACTION = _number("in [0, 1)", lambda v: 0 <= v < 1)
-UNIT = _number("in [0, 1]", lambda v: 0 <= v <= 1)
-PATH = Rule("str", "a non-empty path", lambda v: v.strip() != "")
-
 RULES: Dict[str, Rule] = {
     "data_dir": PATH,
     "work_dir": PATH,
     "model_name": Rule("str", "a name of letters, digits, '.', '_' and '-' (TF Serving's model name and a "
                               "directory name)", lambda v: MODEL_NAME.fullmatch(v) is not None),
-    "mode": _choice(MODES),
+    "mode": MODE,
     "bad_row_budget": FRACTION,
     "eval_fraction": _number("in (0, 1)", lambda v: 0 < v < 1),
     "max_eval_rows": _int(1),
-    "embedding_dim": _int(1),
-    "side_embedding_dim": _int(1),
-    "oov_buckets": _int(1),
-    "cross_layers": _int(0),
-    "deep_layers": Rule("int_list", "a list of layer widths, each an integer >= 1",
-                        lambda v: all(1 <= w <= LARGEST_INT for w in v)),
-    "id_bias": Rule("bool", "true or false"),
-    "side_features": Rule("bool", "true or false"),
-    "ignored_features": Rule("str_list", "a list of feature names", lambda v: all(n.strip() for n in v)),
-    "learning_rate": _number("> 0", lambda v: v > 0),
-    "optimizer": _choice(OPTIMIZERS),
-    "batch_size": _int(1),
-    "max_steps_per_epoch": _int(0),
-    "epochs": _int(1),
-    "replay_fraction": _number(">= 0", lambda v: v >= 0),
-    "replay_capacity": _int(0),
-    "distillation_weight": FRACTION,
-    "seed": _int(0),
     "auc_tolerance": UNIT,
     "min_auc": UNIT,
     "rollback_tolerance": UNIT,
     "keep_versions": _int(1),
     "serving_address": Rule("str", "host:port (or empty for no server)", _address),
-    "force_push": Rule("bool", "true or false"),
-    "flip_train_labels": Rule("bool", "true or false"),
+    "force_push": BOOL,
     "metadata": Rule("optional_str", "a local file path or null", lambda v: v is None or v.strip() != ""),
     "beam_args": Rule("optional_str_list", "a list of Beam pipeline options or null"),
+    **TRAINING_RULES,
 }
-
-
-def _typed(kind: str, value: Any) -> Tuple[bool, Any]:
-    """(whether value has the kind's JSON type, the value normalised: ints become floats for numbers)."""
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if kind == "number":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, value
-        return math.isfinite(value), float(value)
-    if kind == "bool":
-        return isinstance(value, bool), value
-    if kind == "str":
-        return isinstance(value, str), value
-    if kind == "optional_str":
-        return value is None or isinstance(value, str), value
-    if kind == "int_list":
-        return (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value),
-                value)
-    if kind == "str_list":
-        return isinstance(value, list) and all(isinstance(v, str) for v in value), value
-    if kind == "optional_str_list":
-        return value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)), value
-    raise AssertionError(kind)
 
 
 def check_value(key: str, value: Any) -> Any:
     """The value, normalised, if it suits the field; else ConfigError '<key> must be <expected>, got <value>'."""
-    rule = RULES.get(key)
-    if rule is None:
-        raise ConfigError(f"unknown key {key!r}", key, "is not a setting")
-    typed, normalised = _typed(rule.kind, value)
-    if not typed or not rule.ok(normalised):
-        expected = rule.expected
-        if rule.kind == "int" and typed and normalised > LARGEST_INT:
-            expected = f"at most {LARGEST_INT}"
-        problem = f"must be {expected}, got {shown(value)}"
-        raise ConfigError(f"{key} {problem}", key, problem)
-    return normalised
+    return check_with(RULES, key, value)
 
 
 def parse_text(key: str, text: str) -> Any:

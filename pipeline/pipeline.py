@@ -138,7 +138,7 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         train_examples = channel.union([history.outputs["examples"], example_gen.outputs["examples"]])
         nodes.append(history)
 
-    trainer_config = dict(config.trainer_config(), span=span, data_dir=config.data_dir)
+    trainer_config = config.training_run(span).to_custom_config()  # read back by models.training.TrainingRun
     trainer_kwargs = {}
     if with_baseline and config.mode == "incremental":
         trainer_kwargs["base_model"] = guard.outputs["serving_model"]
