@@ -8,29 +8,41 @@ Every layer has a fixed name: warm start matches weights by those names.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
 from models import features as F
+from models.training import TrainingSettings
 
 # Optional feature of a training batch: the soft target (label blended with a teacher's probability).
 TARGET = "__distillation_target__"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    """The model's shape: its settings (no defaults here: they are TrainingSettings') and the data's columns."""
+
     vocab_rows: Dict[str, int]  # rows of each embedding table: oov buckets + vocabulary size
     categorical: List[str]
     numeric: List[str]
-    embedding_dim: int = 32
-    side_embedding_dim: int = 8
-    cross_layers: int = 2
-    deep_layers: List[int] = dataclasses.field(default_factory=lambda: [64, 32])
-    id_bias: bool = True  # a learnt scalar per user and per item added to the logit (the "wide" part)
-    side_features: bool = True  # False: ids only (an ablation)
-    ignored_features: List[str] = dataclasses.field(default_factory=list)  # side features left out (ablations)
+    embedding_dim: int
+    side_embedding_dim: int
+    cross_layers: int
+    deep_layers: List[int]
+    id_bias: bool  # a learnt scalar per user and per item added to the logit (the "wide" part)
+    side_features: bool  # False: ids only (an ablation)
+    ignored_features: List[str]  # side features left out (ablations)
+
+    @classmethod
+    def of(cls, settings: TrainingSettings, vocab_rows: Dict[str, int], categorical: List[str],
+           numeric: List[str]) -> "ModelSpec":
+        return cls(vocab_rows=dict(vocab_rows), categorical=list(categorical), numeric=list(numeric),
+                   embedding_dim=settings.embedding_dim, side_embedding_dim=settings.side_embedding_dim,
+                   cross_layers=settings.cross_layers, deep_layers=list(settings.deep_layers),
+                   id_bias=settings.id_bias, side_features=settings.side_features,
+                   ignored_features=list(settings.ignored_features))
 
 
 class EmbeddingBag(tf.keras.layers.Layer):
@@ -74,10 +86,10 @@ class RankingModel(tfrs.models.Model):
         self.deep = [tf.keras.layers.Dense(units, activation="relu", name=f"deep_{i}")
                      for i, units in enumerate(spec.deep_layers)]
         self.head = tf.keras.layers.Dense(1, name="head")
-        self.cross_entropy = tf.keras.losses.BinaryCrossentropy(from_logits=True)
+        # The one loss the model trains with (binary cross-entropy of the logit) and its training metrics.
         self.task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
-            metrics=[tf.keras.metrics.AUC(name="auc", from_logits=True)],
+            metrics=[tf.keras.metrics.AUC(name="auc", from_logits=True, num_thresholds=1000)],
         )
 
     def named_layers(self) -> List[tf.keras.layers.Layer]:
@@ -100,22 +112,34 @@ class RankingModel(tfrs.models.Model):
             logit += bias(features[F.index_name(f)])
         return tf.squeeze(logit, axis=1)
 
-    def loss_and_logits(self, features: Dict[str, tf.Tensor], labels: tf.Tensor,
-                        training: bool = False) -> Tuple[tf.Tensor, tf.Tensor]:
-        """Mean cross-entropy and the logits, metrics untouched (the Trainer's loop keeps its own)."""
+    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
+        """The Ranking task's loss on a batch, updating the task's metrics: what TFRS' train_step and the
+        Trainer's own loop (models/trainer.py) both minimise.
+
+        `inputs` is (features, labels) or (features, labels, sample_weight). With distillation the
+        features carry the soft target (TARGET): the loss is taken against it, while the metrics
+        still measure the real labels.
+        """
+        features, labels, sample_weight = (tuple(inputs) + (None,))[:3]
         features = dict(features)
         target = features.pop(TARGET, None)
-        logits = self(features, training=training)
-        # Distillation: the loss is taken against the label blended with the serving model's probability.
-        target = tf.cast(labels, tf.float32) if target is None else target
-        return self.cross_entropy(tf.expand_dims(target, 1), tf.expand_dims(logits, 1)), logits
-
-    def compute_loss(self, inputs, training: bool = False) -> tf.Tensor:
-        """Keras' hook (fit/evaluate): the same loss, and the task's metrics updated on the real labels."""
-        features, labels = inputs
-        loss, logits = self.loss_and_logits(features, labels, training=training)
-        self.task(labels=tf.cast(labels, tf.float32), predictions=logits)
+        logits = tf.expand_dims(self(features, training=training), 1)
+        labels = tf.expand_dims(tf.cast(labels, tf.float32), 1)
+        if target is None:
+            return self.task(labels=labels, predictions=logits, sample_weight=sample_weight, training=training)
+        loss = self.task(labels=tf.expand_dims(target, 1), predictions=logits, sample_weight=sample_weight,
+                         training=training, compute_metrics=False)
+        for metric in self.task.metrics:
+            metric.update_state(labels, logits, sample_weight=sample_weight)
         return loss
+
+    def reset_task_metrics(self) -> None:
+        for metric in self.task.metrics:
+            metric.reset_state()
+
+    def task_metrics(self) -> Dict[str, float]:
+        """The task's metrics since they were last reset (AUC by name)."""
+        return {metric.name: float(metric.result()) for metric in self.task.metrics}
 
 
 def build(spec: ModelSpec, learning_rate: float, optimizer: str = "adagrad") -> RankingModel:

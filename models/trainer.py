@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
@@ -22,30 +22,24 @@ from tfx.utils import io_utils  # noqa: E402
 from tensorflow_metadata.proto.v0 import schema_pb2  # noqa: E402
 
 from models import export, features as F, ranking_model, replay, spans, warm_start  # noqa: E402
-from models.metrics import auc  # noqa: E402
 from models.records import count_records, iter_record_batches, record_dataset  # noqa: E402
 from models.preprocessing import vocabulary_assets  # noqa: E402
+from models.training import TrainingRun, TrainingSettings  # noqa: E402
 
 SUMMARY_FILE = "training_summary.json"
 
 
-def model_spec(schema_path: str, transform_output_dir: str, config) -> ranking_model.ModelSpec:
+def model_spec(schema_path: str, transform_output_dir: str, settings: TrainingSettings) -> ranking_model.ModelSpec:
     schema = io_utils.parse_pbtxt_file(schema_path, schema_pb2.Schema())
     categorical, numeric = F.split_columns(schema)
-    oov = int(config["oov_buckets"])
     rows = {}
     for feature, path in vocabulary_assets(transform_output_dir).items():
         with tf.io.gfile.GFile(path, "rb") as f:
-            rows[feature] = oov + len(f.read().splitlines())
+            rows[feature] = settings.oov_buckets + len(f.read().splitlines())
     missing = [f for f in list(F.ID_FEATURES) + categorical if f not in rows]
     if missing:
         raise ValueError(f"Transform output has no vocabulary for {missing}")
-    return ranking_model.ModelSpec(
-        vocab_rows=rows, categorical=categorical, numeric=numeric,
-        embedding_dim=int(config["embedding_dim"]), side_embedding_dim=int(config["side_embedding_dim"]),
-        cross_layers=int(config["cross_layers"]), deep_layers=list(config["deep_layers"]),
-        id_bias=bool(config.get("id_bias", True)), side_features=bool(config.get("side_features", True)),
-        ignored_features=list(config.get("ignored_features", [])))
+    return ranking_model.ModelSpec.of(settings, rows, categorical, numeric)
 
 
 TRANSFORM_BATCH = 8192  # records per Transform-layer call: below a few thousand, per-call overhead dominates
@@ -126,18 +120,9 @@ def _split_into(batch_size: int):
     return split
 
 
-def _scores(logits: List[Any], labels: List[Any]) -> Dict[str, float]:
-    """Mean cross-entropy and exact AUC of logits against 0/1 labels."""
-    logit = np.concatenate([np.asarray(x, np.float64).ravel() for x in logits])
-    label = np.concatenate([np.asarray(y, np.float64).ravel() for y in labels])
-    # log(1 + e^l) - y * l, written to stay finite for large |l|
-    loss = np.maximum(logit, 0) - logit * label + np.log1p(np.exp(-np.abs(logit)))
-    value = auc(label, logit)
-    return dict({"loss": float(loss.mean())}, **({"auc": value} if value is not None else {}))
-
-
 def train_step(model: ranking_model.RankingModel, element_spec) -> Any:
-    """One optimisation step on a (features, labels) batch, returning the batch's logits.
+    """One optimisation step on a (features, labels[, sample_weight]) batch, minimising the model's
+    compute_loss (the TFRS Ranking task's loss, which also updates the task's metrics); returns that loss.
 
     Traced once per model: the optimizer's slots exist before tracing, the
     signature is the dataset's (batch and sparse dimensions free, so a batch
@@ -149,45 +134,54 @@ def train_step(model: ranking_model.RankingModel, element_spec) -> Any:
     optimizer = model.optimizer
     optimizer.build(variables)
 
-    @tf.function(input_signature=list(element_spec), autograph=False)
-    def step(features, labels):
+    @tf.function(input_signature=[element_spec], autograph=False)
+    def step(batch):
         with tf.GradientTape() as tape:
-            loss, logits = model.loss_and_logits(features, labels, training=True)
-            if model.losses:
-                loss += tf.add_n(model.losses)
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return logits
+            loss = model.compute_loss(batch, training=True)
+            total = loss + tf.add_n(model.losses) if model.losses else loss
+        optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
+        return loss
 
     return step
 
 
+def _epoch_scores(model: ranking_model.RankingModel, losses: List[Any], rows: List[int]) -> Dict[str, float]:
+    """The batches' mean loss per example, and the task's metrics over them."""
+    if not rows:
+        return {}
+    loss = float(np.dot(np.asarray([float(x) for x in losses], np.float64), rows) / sum(rows))
+    return dict({"loss": loss}, **model.task_metrics())
+
+
 def fit(model: ranking_model.RankingModel, dataset: tf.data.Dataset, epochs: int) -> Dict[str, List[float]]:
-    """Trains for `epochs` passes; returns each epoch's training loss and AUC.
+    """Trains for `epochs` passes; returns each epoch's training loss and the task's metrics (AUC).
 
     A span's training is a few hundred cheap steps, so per-model set-up is most
     of its cost: Keras' fit (a heavier step, traced again on new sparse shapes)
-    took ~1.5 s per span against ~0.2 s of optimisation. Metrics are computed in
-    numpy once per epoch, outside the traced step.
+    took ~1.5 s per span against ~0.2 s of optimisation. Losses are read once per
+    epoch, so steps are not made to wait on each other.
     """
     step = train_step(model, dataset.element_spec)
     history: Dict[str, List[float]] = {}
     for _ in range(epochs):
-        logits, labels = [], []
-        for features, label in dataset:
-            logits.append(step(features, label))
-            labels.append(label)
-        for name, value in _scores(logits, labels).items():
+        model.reset_task_metrics()
+        losses, rows = [], []
+        for batch in dataset:
+            losses.append(step(batch))
+            rows.append(int(batch[1].shape[0]))
+        for name, value in _epoch_scores(model, losses, rows).items():
             history.setdefault(name, []).append(value)
     return history
 
 
 def validate(model: ranking_model.RankingModel, dataset: tf.data.Dataset) -> Dict[str, float]:
-    """Loss and AUC on the eval split, computed eagerly in large batches: no step to trace."""
-    logits, labels = [], []
-    for features, label in dataset:
-        logits.append(model(features, training=False))
-        labels.append(label)
-    return _scores(logits, labels) if labels else {}
+    """The task's loss and metrics on the eval split, computed eagerly in large batches: no step to trace."""
+    model.reset_task_metrics()
+    losses, rows = [], []
+    for batch in dataset:
+        losses.append(model.compute_loss(batch, training=False))
+        rows.append(int(batch[1].shape[0]))
+    return _epoch_scores(model, losses, rows)
 
 
 def write_curves(log_dir: str, per_epoch: Dict[str, List[float]], validation: Dict[str, float]) -> None:
@@ -218,14 +212,15 @@ class _Phases:
 
 
 def run_fn(fn_args: FnArgs) -> None:
-    config = fn_args.custom_config
+    run = TrainingRun.from_custom_config(fn_args.custom_config)  # every setting checked; no defaults here
+    settings = run.settings
     started = time.time()
     phases = _Phases()
-    tf.keras.utils.set_random_seed(int(config["seed"]))
+    tf.keras.utils.set_random_seed(settings.seed)
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     raw_spec = tf_transform_output.raw_feature_spec()
     tft_layer = tf_transform_output.transform_features_layer()
-    spec = model_spec(fn_args.schema_path, fn_args.transform_output, config)
+    spec = model_spec(fn_args.schema_path, fn_args.transform_output, settings)
 
     span_examples = count_records(fn_args.train_files)
     if not span_examples:
@@ -233,45 +228,43 @@ def run_fn(fn_args: FnArgs) -> None:
     has_eval = count_records(fn_args.eval_files) > 0
     phases.done("count")
 
-    span = spans.span_of(config)
-    reservoir = None
+    span = run.span if run.span is not None else spans.newest_span(run.data_dir)
+    reservoir: Optional[replay.Reservoir] = None
     replayed: List[bytes] = []
-    if config["mode"] == "incremental":
-        reservoir = replay.Reservoir.before(config["replay_dir"], span, int(config["replay_capacity"]),
-                                            int(config["seed"]))
-        replayed = reservoir.sample(round(float(config["replay_fraction"]) * span_examples),
+    if run.mode == "incremental":
+        reservoir = replay.Reservoir.before(run.replay_dir, span, settings.replay_capacity, settings.seed)
+        replayed = reservoir.sample(round(settings.replay_fraction * span_examples),
                                     seed=len(reservoir) + span_examples)
     phases.done("replay_sample")
 
-    model = ranking_model.build(spec, float(config["learning_rate"]), config["optimizer"])
+    model = ranking_model.build(spec, settings.learning_rate, settings.optimizer)
     plain = make_transform(tft_layer, raw_spec)
     model(plain(tf.constant(next(iter_record_batches(fn_args.train_files, 2))))[0])  # create the weights
 
-    base = fn_args.base_model if config["mode"] == "incremental" else None
+    base = fn_args.base_model if run.mode == "incremental" else None
     warm_report = {}
     teacher = None
-    distillation_weight = float(config.get("distillation_weight", 0.0))
     if base and warm_start.has_saved_model(base):
         warm_report = warm_start.copy_into(ranking_model.weights_by_name(model), warm_start.load_weights(base))
         logging.info("warm start from %s: %s", base, warm_report)
-        if distillation_weight > 0:
+        if settings.distillation_weight > 0:
             teacher = tf.saved_model.load(base).signatures["regress"]
     elif base:
         logging.info("no serving model at %s: training from scratch", base)
     phases.done("build_and_warm_start")
 
     run_name = f"span-{span}"
-    log_dir = os.path.join(config["tensorboard_dir"], "train", f"{run_name}-{int(started)}")
-    batch_size = training_batch_size(span_examples + len(replayed), int(config["batch_size"]),
-                                     int(config.get("max_steps_per_epoch", 0)))
-    flip = bool(config.get("flip_train_labels"))
+    log_dir = os.path.join(run.tensorboard_dir, "train", f"{run_name}-{int(started)}")
+    batch_size = training_batch_size(span_examples + len(replayed), settings.batch_size,
+                                     settings.max_steps_per_epoch)
+    flip = settings.flip_train_labels
     training = plain if not (flip or teacher) else make_transform(tft_layer, raw_spec, flip, teacher,
-                                                                   distillation_weight)
-    train_ds = make_dataset(fn_args.train_files, training, batch_size, shuffle_seed=int(config["seed"]),
+                                                                   settings.distillation_weight)
+    train_ds = make_dataset(fn_args.train_files, training, batch_size, shuffle_seed=settings.seed,
                             replayed=replayed)
     eval_ds = make_dataset(fn_args.eval_files, plain, TRANSFORM_BATCH) if has_eval else None
     fit_started = time.time()
-    history = fit(model, train_ds, int(config["epochs"]))
+    history = fit(model, train_ds, settings.epochs)
     train_seconds = time.time() - fit_started
     phases.done("fit")
     # Validation and curves come after training, outside the measured train seconds.
@@ -288,7 +281,7 @@ def run_fn(fn_args: FnArgs) -> None:
 
     if reservoir is not None:
         reservoir.absorb(iter_record_batches(fn_args.train_files))
-        reservoir.save(config["replay_dir"], span)
+        reservoir.save(run.replay_dir, span)
     phases.done("replay_absorb")
 
     summary = {

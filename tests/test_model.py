@@ -8,13 +8,13 @@ import tensorflow as tf
 from models import features as F
 from models import ranking_model
 from models.trainer import make_dataset, make_transform
+from models.training import TrainingSettings
 
 
 def spec(**overrides) -> ranking_model.ModelSpec:
-    values = dict(vocab_rows={"user_id": 20, "item_id": 30, "genres": 10}, categorical=["genres"],
-                  numeric=["year"], embedding_dim=4, side_embedding_dim=2, deep_layers=[8])
-    values.update(overrides)
-    return ranking_model.ModelSpec(**values)
+    """A small model; every other setting is TrainingSettings' default."""
+    settings = TrainingSettings(**dict(dict(embedding_dim=4, side_embedding_dim=2, deep_layers=[8]), **overrides))
+    return ranking_model.ModelSpec.of(settings, {"user_id": 20, "item_id": 30, "genres": 10}, ["genres"], ["year"])
 
 
 def batch(users, items, years):
@@ -77,6 +77,11 @@ def test_distillation_trains_against_the_label_blended_with_the_teacher(tmp_path
     assert float(loss) == pytest.approx(float(expected), rel=1e-5)
     hard = model.compute_loss((inputs, tf.constant([1, 0])))
     assert float(hard) != pytest.approx(float(loss))
+    # The task's metrics measure the real labels, not the blended target: one positive per call.
+    model.reset_task_metrics()
+    model.compute_loss((dict(inputs, **{ranking_model.TARGET: target}), tf.constant([1, 0])))
+    auc = model.task.metrics[0]
+    assert float(auc.true_positives[0] + auc.false_negatives[0]) == 1.0
 
 
 def test_unknown_optimizer_is_refused_by_name():
@@ -120,11 +125,57 @@ def test_the_train_step_is_traced_once_whatever_the_batch_shapes():
     model(next(iter(dataset))[0])
     step = train_step(model, dataset.element_spec)
     before = {v.name: v.numpy().copy() for v in model.trainable_variables}
-    for features, labels in dataset:
-        logits = step(features, labels)
-        assert logits.shape == labels.shape
+    for batch in dataset:
+        assert step(batch).shape == []
     assert step.experimental_get_tracing_count() == 1
     assert any(not np.array_equal(before[v.name], v.numpy()) for v in model.trainable_variables)
+
+
+def test_the_training_step_minimises_the_ranking_tasks_loss_and_updates_its_metrics():
+    import tensorflow_recommenders as tfrs
+
+    from models.trainer import train_step
+
+    dataset = synthetic(64, 2, 0).batch(64)
+    batch = next(iter(dataset))
+    features, labels = batch
+    model = ranking_model.build(spec(), 0.1)
+    logits = model(features)
+    task_loss = model.task(labels=tf.cast(labels, tf.float32)[:, None], predictions=logits[:, None],
+                           compute_metrics=False)
+    cross_entropy = tf.keras.losses.BinaryCrossentropy(from_logits=True)(
+        tf.cast(labels, tf.float32)[:, None], logits[:, None])
+    assert float(task_loss) == pytest.approx(float(cross_entropy), rel=1e-6), "binary cross-entropy on the label"
+    assert float(model.compute_loss(batch)) == pytest.approx(float(task_loss), rel=1e-6)
+
+    model.reset_task_metrics()
+    assert model.task_metrics() == {"auc": 0.0}
+    step = train_step(model, dataset.element_spec)
+    assert float(step(batch)) == pytest.approx(float(task_loss), rel=1e-5), "the step reports the task's loss"
+    assert model.task_metrics()["auc"] > 0, "training updates the task's metrics"
+    assert float(model.compute_loss(batch)) < float(task_loss), "and lowers that loss"
+
+    # The gradient comes from the task: a task whose loss ignores the predictions leaves every weight as it is.
+    frozen = ranking_model.build(spec(), 0.1)
+    frozen(features)
+    frozen.task = tfrs.tasks.Ranking(loss=lambda y_true, y_pred, sample_weight=None: 0.0 * tf.reduce_sum(y_pred))
+    before = [v.numpy().copy() for v in frozen.trainable_variables]
+    train_step(frozen, dataset.element_spec)(batch)
+    for was, variable in zip(before, frozen.trainable_variables):
+        np.testing.assert_array_equal(was, variable.numpy())
+
+
+def test_sample_weights_reach_the_tasks_loss():
+    model = ranking_model.build(spec(), 0.1)
+    inputs = batch([1, 2, 3], [1, 2, 3], [0.0, 1.0, -1.0])
+    labels = tf.constant([1, 0, 1])
+    weights = tf.constant([1.0, 0.0, 2.0])
+    logits = model(inputs)[:, None]
+    expected = model.task(labels=tf.cast(labels, tf.float32)[:, None], predictions=logits, sample_weight=weights,
+                          compute_metrics=False)
+    weighted = model.compute_loss((inputs, labels, weights))
+    assert float(weighted) == pytest.approx(float(expected), rel=1e-6)
+    assert float(weighted) != pytest.approx(float(model.compute_loss((inputs, labels))))
 
 
 def test_fit_learns_and_reports_loss_and_auc_per_epoch():
