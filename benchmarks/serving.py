@@ -361,12 +361,14 @@ def write_reports(results: dict, out_dir: Path) -> None:
 def model_dir_of(args) -> str:
     if args.model_dir:
         return args.model_dir
-    from serving import model_config
+    from components.deployment import DeploymentState
 
-    deployment = model_config.read_deployment(os.path.join(args.work, "serving", "models.config"), MODEL)
-    if deployment is None or deployment.stable is None:
+    state = DeploymentState(os.path.join(args.work, "serving"), MODEL)
+    deployment = state.current()
+    model_dir = state.version_dir(deployment.stable) if deployment is not None else None
+    if model_dir is None:
         raise SystemExit(f"{args.work}: no stable version deployed (run `increc backfill` first)")
-    return os.path.join(deployment.base_path, str(deployment.stable))
+    return model_dir
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -512,10 +512,11 @@ def cmd_status(args) -> int:
 
     preflight.work_dir_present(args.work)
     config = load_config(args).config
-    from serving import model_config
+    from components.deployment import DeploymentState
 
-    deployment = model_config.read_deployment(config.models_config_path, config.model_name)
-    on_disk = model_config.versions_on_disk(config.model_base_path)
+    state = DeploymentState(config.serving_dir, config.model_name)
+    deployment = state.current()
+    on_disk = state.versions_on_disk()
     print(f"work directory: {config.work_dir}")
     print(f"model: {config.model_name}  base path: {config.model_base_path}")
     print(f"versions on disk: {', '.join(map(str, on_disk)) or 'none'}")
@@ -524,9 +525,7 @@ def cmd_status(args) -> int:
     else:
         labels = ", ".join(f"{k} -> {v}" for k, v in sorted(deployment.labels.items()))
         print(f"configured versions: {', '.join(map(str, deployment.versions))}; labels: {labels}")
-    from components.rollback import rolled_back_versions
-
-    for version, details in sorted(rolled_back_versions(config.serving_dir).items()):
+    for version, details in sorted(state.rolled_back().items()):
         aucs = ""
         if details.get("live_auc") is not None:
             aucs = f" (live AUC {_fmt(details['live_auc'])} vs previous {_fmt(details['previous_auc'])})"
@@ -603,12 +602,12 @@ def cmd_rollback(args) -> int:
 
     preflight.work_dir_present(args.work)
     config = load_config(args).config
-    from components.rollback import RollbackRefused, roll_back
+    from components.deployment import DeploymentState, RollbackRefused
 
+    state = DeploymentState(config.serving_dir, config.model_name, config.serving_address)
     with work_lock(config.work_dir):
         try:
-            done = roll_back(config.models_config_path, config.model_name, config.serving_address,
-                             to_version=args.to, reason="manual")
+            done = state.roll_back(args.to, reason="manual")
         except RollbackRefused as e:
             print(f"increc rollback: refused: {e}", file=sys.stderr)
             return EXIT_USAGE

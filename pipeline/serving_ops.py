@@ -39,10 +39,12 @@ def running(config) -> Optional[dict]:
 
 def start(config, grpc_port: int = 8500, rest_port: int = 8501, timeout: float = 180.0) -> dict:
     """Starts the server in the background (or finds the one already up); returns its pid and ports."""
+    from components.deployment import DeploymentState
     from serving.client import ServingClient
 
-    if not os.path.exists(config.models_config_path):
-        raise FileNotFoundError(f"nothing deployed yet: {config.models_config_path} does not exist (run a span first)")
+    if DeploymentState(config.serving_dir, config.model_name).current() is None:
+        raise FileNotFoundError(f"nothing deployed yet: {config.models_config_path} names no version of "
+                                f"{config.model_name} (run a span first)")
     existing = running(config)
     if existing is not None:
         return dict(existing, already_running=True)

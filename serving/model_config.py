@@ -2,8 +2,10 @@
 
 increc keeps one model per work directory with a `specific` version policy
 holding the current (`stable`) and the retained (`previous`) version. The file
-is the source of truth for what should serve: the pusher, rollback and both
-servers (embedded and real) read it.
+is the source of truth for what should serve: both servers (embedded and real)
+read it. This module only parses and writes the format; what a deployment's
+file says is changed only through components/deployment.py
+(docs/ARCHITECTURE.md, "Deployment state").
 """
 from __future__ import annotations
 
@@ -132,13 +134,3 @@ def read_deployment(path: str, model_name: str) -> Optional[Deployment]:
             )
     return None
 
-
-def promote(path: str, model_name: str, base_path: str, new_version: int) -> Deployment:
-    """Make new_version `stable` and the old stable `previous`; write and return the result."""
-    current = read_deployment(path, model_name)
-    labels = {STABLE: new_version}
-    if current is not None and current.stable is not None and current.stable != new_version:
-        labels[PREVIOUS] = current.stable
-    deployment = Deployment(model_name, base_path, versions=sorted(set(labels.values()), reverse=True), labels=labels)
-    write_config(path, build_config(deployment))
-    return deployment

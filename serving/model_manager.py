@@ -10,6 +10,9 @@
 - Version labels must point at an AVAILABLE version, with TF Serving's
   `--allow_version_labels_for_unavailable_models` exception.
 - A poll thread rescans base paths every `--file_system_poll_wait_seconds`.
+- Once stopped (SIGTERM), no load starts, a load in progress is abandoned at
+  its next warmup request, and a config change in flight moves no label, so
+  the process exits without first finishing a version it will never serve.
 """
 from __future__ import annotations
 
@@ -117,6 +120,9 @@ class ModelManager:
             for entry in entries:
                 failed, aspired[entry.name] = self._load_aspired(entry.name, new_model=entry.name not in current)
                 failures += failed
+            if self._stop.is_set():
+                # Stopped mid-swap: labels stay where they are and nothing is unloaded.
+                raise ServingError(grpc.StatusCode.CANCELLED, "the server is shutting down; the config was not applied")
             # Labels move once the new versions are in and before any old one goes,
             # so a label never points at a version being unloaded.
             with self._lock:
@@ -148,7 +154,7 @@ class ModelManager:
             for name in list(self._models):
                 _, aspired = self._load_aspired(name, new_model=False)
                 model = self._models.get(name)
-                if model is not None and aspired is not None:
+                if model is not None and aspired is not None and not self._stop.is_set():
                     self._release_unaspired(model, name, aspired)
 
     def _load_aspired(self, name: str, new_model: bool) -> Tuple[List[str], Optional[List[int]]]:
@@ -170,6 +176,8 @@ class ModelManager:
         aspired = aspired_versions(model.config, on_disk)
         failures = []
         for version in sorted(aspired, reverse=True):
+            if self._stop.is_set():
+                break  # a stopping server starts no load
             state = model.versions.get(version)
             if state is not None and state.state == AVAILABLE:
                 continue
@@ -211,7 +219,12 @@ class ModelManager:
         started = time.time()
         try:
             handler = self._warmup_handler if self._enable_warmup else None
-            loaded = servable_lib.load(name, version, path, handler, self._on_warmup)
+            loaded = servable_lib.load(name, version, path, handler, self._on_warmup, stopping=self._stop.is_set)
+        except servable_lib.LoadAbandoned as e:
+            logging.info("model %s version %d: %s", name, version, e.message)
+            with self._lock:
+                state.state, state.error_code, state.error_message, state.servable = END, e.code.name, e.message, None
+            return e.message
         except Exception as e:  # noqa: BLE001 - any load failure is reported in status, old versions keep serving
             message = servable_lib.clean_message(getattr(e, "message", None) or str(e)) or type(e).__name__
             code = e.code.name if isinstance(e, ServingError) else "UNKNOWN"
@@ -256,6 +269,7 @@ class ModelManager:
         threading.Thread(target=loop, name="fs-poll", daemon=True).start()
 
     def stop(self) -> None:
+        """No load starts after this, and one in progress is abandoned at its next warmup request."""
         self._stop.set()
 
     # --- lookups ---

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Dict, List, Sequence
 
+import grpc
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
@@ -192,8 +193,12 @@ class Servable:
         return function
 
     # --- warmup ---
-    def warmup(self, handle_log) -> int:
-        """Replays assets.extra/tf_serving_warmup_requests; any error fails the load (as in TF Serving)."""
+    def warmup(self, handle_log, stopping=None) -> int:
+        """Replays assets.extra/tf_serving_warmup_requests; any error fails the load (as in TF Serving).
+
+        `stopping()` true abandons the replay between requests: a server being
+        stopped does not first finish warming up a version it will never serve.
+        """
         path = os.path.join(self.path, WARMUP_FILE)
         if not tf.io.gfile.exists(path):
             return 0
@@ -202,6 +207,8 @@ class Servable:
         count = 0
         try:
             for record in tf.data.TFRecordDataset(path):
+                if stopping is not None and stopping():
+                    raise LoadAbandoned()
                 count += 1
                 if count > MAX_WARMUP_RECORDS:
                     raise invalid(f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {path}")
@@ -212,14 +219,21 @@ class Servable:
         return count
 
 
-def load(name: str, version: int, path: str, handle_warmup=None, on_warmup=None) -> Servable:
+class LoadAbandoned(ServingError):
+    """The server is stopping; a version still loading is dropped."""
+
+    def __init__(self):
+        super().__init__(grpc.StatusCode.CANCELLED, "load abandoned: the server is shutting down")
+
+
+def load(name: str, version: int, path: str, handle_warmup=None, on_warmup=None, stopping=None) -> Servable:
     started = time.time()
     servable = Servable(name, version, path)
     if handle_warmup is not None:
         warmup_started = time.time()
         status = "OK"
         try:
-            n = servable.warmup(handle_warmup)
+            n = servable.warmup(handle_warmup, stopping)
         except ServingError as e:
             status = e.code.name
             raise
@@ -231,6 +245,8 @@ def load(name: str, version: int, path: str, handle_warmup=None, on_warmup=None)
                 on_warmup(path, status, time.time() - warmup_started)
         if n:
             logging.info("model %s version %d: %d warmup request(s) replayed", name, version, n)
+    if stopping is not None and stopping():
+        raise LoadAbandoned()
     logging.info("model %s version %d loaded from %s in %.1fs on %s", name, version, path, time.time() - started,
                  device())
     return servable

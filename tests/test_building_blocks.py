@@ -92,11 +92,10 @@ def test_curated_schema_requires_ids_and_relaxes_drifting_constraints():
         curate(schema)
 
 
-def test_models_config_promote_keeps_the_previous_version(tmp_path):
+def test_models_config_round_trips_versions_and_labels(tmp_path):
     path = str(tmp_path / "models.config")
-    model_config.promote(path, "m", str(tmp_path / "m"), 10)
-    deployment = model_config.promote(path, "m", str(tmp_path / "m"), 11)
-    assert deployment.labels == {"stable": 11, "previous": 10}
+    deployment = model_config.Deployment("m", str(tmp_path / "m"), [10, 11], {"stable": 11, "previous": 10})
+    model_config.write_config(path, model_config.build_config(deployment))
     read = model_config.read_deployment(path, "m")
     assert read.versions == [11, 10] and read.stable == 11 and read.previous == 10
     (tmp_path / "bad.config").write_text("model_config_list { nonsense")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from components.deployment import DeploymentState
 from models import features as F
 from serving import model_config
 from tests.conftest import TEST_SPANS, increc
@@ -120,7 +121,7 @@ def test_every_pushed_version_loads_and_answers(shared_run):
         p = out["probability"].numpy()
         assert p.shape == (2,) and np.all((p > 0) & (p < 1))
         assert (base / str(version) / "assets.extra" / "tf_serving_warmup_requests").exists()
-    deployment = model_config.read_deployment(str(work / "serving" / "models.config"), "increc")
+    deployment = DeploymentState(str(work / "serving"), "increc").current()
     assert deployment.stable == pushed[-1]
     if len(pushed) > 1:
         assert deployment.previous == pushed[-2]
@@ -130,7 +131,7 @@ def test_raw_and_example_signatures_agree(shared_run):
     from models.export import serving_inputs
 
     work = shared_run["work"]
-    version = model_config.read_deployment(str(work / "serving" / "models.config"), "increc").stable
+    version = DeploymentState(str(work / "serving"), "increc").current().stable
     model = tf.saved_model.load(str(work / "serving" / "increc" / str(version)))
     examples_dir = sorted((work / "pipeline" / "SpanExampleGen" / "examples").iterdir())[-1] / "Split-eval"
     records = [r.numpy() for r in tf.data.TFRecordDataset(sorted(map(str, examples_dir.iterdir())), compression_type="GZIP")]

@@ -7,7 +7,7 @@ import re
 import tensorflow as tf
 from tensorflow_serving.apis import regression_pb2
 
-from serving import model_config
+from components.deployment import DeploymentState
 from serving.client import ServingClient, rest_predict
 from tests.conftest import increc
 from tests.serving_helpers import free_port
@@ -25,7 +25,7 @@ def test_increc_up_serves_the_pushed_model_over_rest_and_grpc(shared_run):
         assert 0 < rest_score < 1 and abs(rest_score - grpc_score) < 1e-5
         assert "curl -s -X POST" in up.stdout and "increc down" in up.stdout
 
-        deployment = model_config.read_deployment(str(work / "serving" / "models.config"), "increc")
+        deployment = DeploymentState(str(work / "serving"), "increc").current()
         client = ServingClient(f"127.0.0.1:{grpc_port}", timeout=30)
         assert client.available_versions("increc") == sorted(deployment.versions)
         # The tf.Example signature answers TF Serving's Regress API with the same score as the raw one.

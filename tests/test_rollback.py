@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from components.rollback import rolled_back_versions
-from serving import model_config
+from components.deployment import DeploymentState
 from serving.client import ServingClient
 from tests.conftest import TEST_CONFIG, increc
 from tests.serving_helpers import free_port
@@ -21,7 +20,7 @@ def history(work: Path):
 
 
 def deployment(work: Path):
-    return model_config.read_deployment(str(work / "serving" / "models.config"), "increc")
+    return DeploymentState(str(work / "serving"), "increc").current()
 
 
 def weights(path):
@@ -100,7 +99,7 @@ def test_regressed_version_is_rolled_back_on_the_next_span_without_dropping_requ
         restored = weights(work / "serving" / "increc" / str(good))
         for name, value in weights(record["warm_started_from"]).items():
             np.testing.assert_array_equal(value, restored[name])
-        assert bad in rolled_back_versions(str(work / "serving"))
+        assert bad in DeploymentState(str(work / "serving"), "increc").rolled_back()
         current = deployment(work)
         assert current.stable in (good, record["pushed_version"])
         assert bad not in current.versions
