@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, predict_pb2, prediction_service_pb2_grpc
@@ -132,6 +133,8 @@ def test_ctrl_c_stops_the_run_within_seconds_and_records_it(small_data, tmp_path
     config.write_text(json.dumps(TEST_CONFIG))
     process = _start(small_data, work, 3, config)
     _wait_for(process, work, "Trainer")
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    assert descendants, "the run works in a child process"
     process.send_signal(signal.SIGINT)
     stopped = time.time()
     output, _ = process.communicate(timeout=60)
@@ -141,8 +144,8 @@ def test_ctrl_c_stops_the_run_within_seconds_and_records_it(small_data, tmp_path
     record = _history(work)[-1]
     assert record["span"] == 3 and record["status"] == "interrupted"
     assert (work / "serving" / "models.config").read_text() == before
-    leftover = subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True, text=True).stdout
-    assert not leftover.strip(), "the run's processes must be gone"
+    _, alive = psutil.wait_procs(descendants, timeout=5)
+    assert not alive, f"the run's processes must be gone: {[p.pid for p in alive]}"
 
 
 def test_a_full_disk_during_a_push_publishes_nothing_and_names_the_error(tmp_path, monkeypatch):
