@@ -210,9 +210,9 @@ def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollbac
                                    previous_auc=previous_auc, test=test["reason"])
             logging.warning("span %s: version %d rolled back to version %d: %s (%s)", span, done.bad_version,
                             done.restored_version, test["reason"], done.server)
-        report.update(rolled_back=True, rolled_back_version=done.bad_version,
-                      restored_version=done.restored_version, serving_version=done.restored_version,
-                      deployed_stable=done.restored_version, deployed_previous=None)
+            report.update(rolled_back=True, rolled_back_version=done.bad_version,
+                          restored_version=done.restored_version, serving_version=done.restored_version,
+                          deployed_stable=done.restored_version, deployed_previous=None)
     return report
 
 
