@@ -20,8 +20,8 @@ Vocabularies and feature scaling come from the backfill's Transform graphs,
 so a variant may change anything in the Trainer (model, optimizer, epochs,
 replay) but not the features. Not a test; prints a table and writes JSON.
 
-`--aa-check` also trains, on every span and from the same base, a second
-candidate with another seed (A/A: the gate should bless it against the
+`--aa-check` also trains, on every span where a model serves and from the
+same base, a second candidate with another seed (A/A: the gate should bless it against the
 first in at least 95% of spans) and one on flipped labels (never blessed),
 and prints both as goal lines.
 
@@ -163,7 +163,8 @@ def replay(work_dir: str, settings: Dict[str, Any], mode: str, scratch: str,
 
         # The A/A candidates train first: the main candidate's run then leaves its own replay snapshot.
         extra = {}
-        if aa_check:
+        # Only where a model serves: with none, the pipeline's gate compares nothing (TFMA's min_auc decides).
+        if aa_check and serving is not None:
             extra = {"another_seed": train("aa", seed=config.seed + AA_SEED_OFFSET),
                      "flipped_labels": train("flipped", flip_train_labels=True)}
         started = time.time()
