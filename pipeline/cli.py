@@ -243,6 +243,8 @@ def gate_text(record: Dict[str, Any]) -> str:
     gate = record.get("gate")
     if not gate:
         return ""
+    if gate.get("difference") is None:
+        return f"gate: {gate['reason']}"
     level = f"{100 * gate['confidence']:g}% interval " if gate.get("lower") is not None else ""
     return f"gate {level}{interval_text(gate)}: {gate['reason']}"
 
