@@ -155,6 +155,9 @@ def test_tensorboard_has_a_run_per_span_and_a_timeline(shared_run):
     assert steps["auc/candidate_auc"] >= set(range(1, TEST_SPANS + 1))
     assert steps["auc/live_auc"] >= set(range(2, TEST_SPANS + 1))
     assert {"decision/pushed", "decision/rolled_back", "decisions"} <= set(steps)
+    # The paired gate compares from span 2 on, the rollback test once a previous version exists (span 3).
+    assert steps["gate/difference"] >= set(range(2, TEST_SPANS + 1)) and steps["gate/upper"] == steps["gate/lower"]
+    assert steps["rollback_test/difference"] >= set(range(3, TEST_SPANS + 1))
 
 
 # --- runs that must not change what serves; they reuse the shared work directory after it is done ---
