@@ -122,12 +122,6 @@ def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[st
     return out, all_labels, all_scores
 
 
-def live_aucs(state: DeploymentState, versions: List[tuple], patterns: List[str], client=None, categorical=(),
-              numeric=()) -> Dict[str, Optional[float]]:
-    """AUC on the span of each (name, server label, version); see live_scores."""
-    return live_scores(state, versions, patterns, client, categorical, numeric)[0]
-
-
 def rollback_test(labels: np.ndarray, stable_scores: np.ndarray, previous_scores: np.ndarray,
                   confidence: float, margin: float) -> dict:
     """DeLong's paired test of the serving version (a) against the previous one (b) on the same live rows.
