@@ -236,6 +236,8 @@ def per_span(result: Dict[str, Any]) -> List[Dict[str, Any]]:
             row[mode] = {"auc": record.get("live_auc"), "train_seconds": record.get("train_seconds"),
                          "run_seconds": record.get("run_seconds"), "examples_trained": record.get("examples_trained"),
                          "blessed": record.get("blessed"), "rolled_back": record.get("rolled_back"),
+                         "gate_reason": (record.get("gate") or {}).get("reason"),
+                         "caught_up_spans": record.get("caught_up_spans", []),
                          "component_seconds": record.get("component_seconds", {})}
             segments = run.get("segments", {}).get(span, {})
             row[mode].update({k: v for k, v in segments.items() if k != "auc"})
@@ -272,8 +274,9 @@ def summarize(name: str, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     return summary
 
 
-def goals(summaries: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
-    out = []
+def goals(summaries: Dict[str, Dict[str, Any]], aa_checks: Optional[Dict[str, List[Dict[str, Any]]]] = None
+          ) -> List[Dict[str, Any]]:
+    out = [dict(g, goal=f"{name}: {g['goal']}") for name, checks in (aa_checks or {}).items() for g in checks]
 
     def goal(text, value, target, ok):
         out.append({"goal": text, "value": value, "target": target, "met": bool(ok)})
@@ -324,6 +327,13 @@ def markdown(results: Dict[str, Any]) -> str:
         parts.append(markdown_table(["span", *MODELS, "inc train s", "full train s", "inc run s", "full run s",
                                      "inc examples", "full examples"], rows))
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        parts += ["", "The gate's decision on each incremental span (PairedGate: DeLong's paired test against the "
+                      "serving model):", "",
+                  markdown_table(["span", "blessed", "caught up", "why"],
+                                 [[r["span"], "yes" if r["incremental"].get("blessed") else "no",
+                                   ",".join(map(str, r["incremental"].get("caught_up_spans") or [])) or "-",
+                                   r["incremental"].get("gate_reason") or "-"]
+                                  for r in result["per_span"] if r.get("incremental")])]
         parts += ["", f"Mean AUC by user (new: no interaction in an earlier span; "
                       f"{100 * (s['new_user_share'] or 0):.0f}% of rows on average):", "",
                   markdown_table(["users", *MODELS],
@@ -387,6 +397,9 @@ def main() -> int:
     parser.add_argument("--modes", default="incremental,full")
     parser.add_argument("--ablations", default=DEFAULT_ABLATIONS,
                         help="variants of benchmarks/ablations.py to replay over the incremental run ('' for none)")
+    parser.add_argument("--aa-check", action="store_true", dest="aa_check",
+                        help="replay the Trainer over the incremental run with, per span, a candidate of another "
+                             "seed (the gate should bless it in >= 95%% of spans) and one on flipped labels (never)")
     parser.add_argument("--no-serve", action="store_false", dest="serve",
                         help="run the incremental backfill without a model server")
     parser.add_argument("--config", help="IncrecConfig JSON applied to every pipeline run")
@@ -444,13 +457,22 @@ def main() -> int:
                     run = ablations.replay(str(scratch / name / "work-incremental"), ablations.VARIANTS[variant],
                                            "incremental", tmp)
                 result["ablations"].append(dict(run, variant=variant))
+        if args.aa_check and "incremental" in result["modes"] and not args.reuse:
+            print(f"== {name}: A/A check of the gate", flush=True)
+            with tempfile.TemporaryDirectory(prefix="increc-aa-") as tmp:
+                run = ablations.replay(str(scratch / name / "work-incremental"), {}, "incremental", tmp,
+                                       aa_check=True)
+            result["aa_check"] = {"spans": run["spans"], "goals": run["goals"]}
         for run in result["modes"].values():
             run["records"] = {str(k): v for k, v in run["records"].items()}
             run["segments"] = {str(k): v for k, v in run["segments"].items()}
         result["others"] = {m: {str(k): v for k, v in by.items()} for m, by in result["others"].items()}
         results["datasets"][name] = result
 
-    results["goals"] = goals({n: r["summary"] for n, r in results["datasets"].items()})
+    results["goals"] = goals({n: r["summary"] for n, r in results["datasets"].items()},
+                             {n: r["aa_check"]["goals"] for n, r in results["datasets"].items() if r.get("aa_check")})
+    for goal in results["goals"]:
+        print(f"goal: {goal['goal']}: {goal['value']} (target {goal['target']}) {'met' if goal['met'] else 'NOT MET'}")
     text = markdown(results)
     print("\n" + text)
     write_json(args.out, results)

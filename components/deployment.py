@@ -29,11 +29,11 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 from tfx.utils import io_utils
 
+from models.catch_up import PUSH_RECORD  # which span a version was pushed for
 from serving import model_config
 from serving.model_config import PREVIOUS, STABLE, Deployment
 
 ROLLED_BACK_FILE = "rolled_back.json"
-PUSH_RECORD = os.path.join("assets.extra", "increc_push.json")  # which span a version was pushed for
 NO_SERVER = "no server reachable; it reads models.config when it starts"
 
 

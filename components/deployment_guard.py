@@ -9,12 +9,14 @@
    and `previous` labels with raw features, as clients call it, so serving
    skew shows too; otherwise from the SavedModels on disk.
 3. Rolls back when the serving version's live AUC is below the previous
-   version's by more than the tolerance: `stable` returns to the previous
-   version and the bad one is unloaded and marked (MLMD, history, the
-   serving directory).
+   version's with confidence (DeLong's paired test on the same rows at
+   `rollback_confidence`) or by more than `rollback_tolerance`: `stable`
+   returns to the previous version and the bad one is unloaded and marked
+   (MLMD, history, the serving directory).
 4. Hands the model serving now (after any rollback) to Trainer (warm start)
-   and Evaluator (baseline) as a Model artifact, so both follow what really
-   serves rather than the newest blessed model.
+   and PairedGate (the model the candidate must not be worse than) as a Model
+   artifact, so both follow what really serves rather than the newest
+   blessed model.
 """
 
 import json
@@ -37,6 +39,7 @@ from models import features as F
 from models import export
 from models.records import iter_record_batches
 from models.metrics import auc
+from models.statistics import decide, delong
 from serving.model_config import PREVIOUS, STABLE, Deployment
 
 REPORT_FILE = "live_evaluation.json"
@@ -89,9 +92,10 @@ def saved_model_scorer(path: str):
     return lambda records: regress(inputs=tf.constant(records))["outputs"].numpy().ravel()
 
 
-def live_aucs(state: DeploymentState, versions: List[tuple], patterns: List[str], client=None, categorical=(),
-              numeric=()) -> Dict[str, Optional[float]]:
-    """AUC on the span of each (name, server label, version), scored batch by batch as the records stream past.
+def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[str], client=None, categorical=(),
+                numeric=()):
+    """(report, labels, {name: scores}): the AUC on the span of each (name, server label, version), scored
+    batch by batch as the records stream past.
 
     Only labels and scores (numbers) are kept, never the span's examples.
     """
@@ -110,10 +114,31 @@ def live_aucs(state: DeploymentState, versions: List[tuple], patterns: List[str]
         for name, score in scorers.items():
             scores[name].append(score(batch).astype(np.float32))
         rows += len(batch)
+    all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int8)
+    all_scores = {name: np.concatenate(parts) for name, parts in scores.items() if parts}
     for name in scorers:
-        out[name] = auc(np.concatenate(labels), np.concatenate(scores[name])) if labels else None
+        out[name] = auc(all_labels, all_scores[name]) if labels else None
     out["examples"] = rows
-    return out
+    return out, all_labels, all_scores
+
+
+def rollback_test(labels: np.ndarray, stable_scores: np.ndarray, previous_scores: np.ndarray,
+                  confidence: float, margin: float) -> dict:
+    """DeLong's paired test of the serving version (a) against the previous one (b) on the same live rows.
+
+    `roll_back` is true when `stable` is worse with `confidence` or by more
+    than `margin`: the gate's rule (models/statistics.decide), so a version
+    is not rolled back on noise, nor kept when it is clearly worse.
+    """
+    comparison = delong(labels, stable_scores, previous_scores, confidence)
+    decision = decide(comparison, confidence, margin)
+    test = {"confidence": confidence, "margin": margin, "roll_back": not decision.blessed,
+            "reason": decision.reason, "difference": None, "se": None, "lower": None, "upper": None,
+            "p_value": None}
+    if comparison is not None:
+        test.update(difference=comparison.difference, se=comparison.se, lower=comparison.lower,
+                    upper=comparison.upper, p_value=comparison.p_value)
+    return test
 
 
 def reachable_client(address: str):
@@ -126,7 +151,8 @@ def reachable_client(address: str):
     return None
 
 
-def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollback_tolerance: float) -> dict:
+def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollback_tolerance: float,
+          rollback_confidence: float = 0.99) -> dict:
     """Everything the component does, as a plain function; returns the live-evaluation report.
 
     `serving_version`/`previous_version`: what served when the span arrived,
@@ -161,21 +187,26 @@ def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollbac
     categorical, numeric = F.split_columns(tfdv.load_schema_text(schema_path))
     client = reachable_client(state.serving_address) if state.serving_address else None
     try:
-        report.update(live_aucs(state, versions, example_patterns(examples), client, categorical, numeric))
+        measured, labels, scores = live_scores(state, versions, example_patterns(examples), client, categorical,
+                                               numeric)
+        report.update(measured)
     finally:
         if client is not None:
             client.close()
     report.update(serving_version=serving, previous_version=before)
     live, previous_auc = report["live_auc"], report["previous_auc"]
-    if live is not None and previous_auc is not None and live < previous_auc - rollback_tolerance:
-        done = state.roll_back(reason="live AUC regressed", expected=deployment, span=span, live_auc=live,
-                               previous_auc=previous_auc)
-        logging.warning("span %s: version %d has live AUC %.4f < %.4f of version %d - %.4f: rolled back (%s)",
-                        span, done.bad_version, live, previous_auc, done.restored_version, rollback_tolerance,
-                        done.server)
-        report.update(rolled_back=True, rolled_back_version=done.bad_version,
-                      restored_version=done.restored_version, serving_version=done.restored_version,
-                      deployed_stable=done.restored_version, deployed_previous=None)
+    if "live_auc" in scores and "previous_auc" in scores:
+        test = rollback_test(labels, scores["live_auc"], scores["previous_auc"], rollback_confidence,
+                             rollback_tolerance)
+        report["rollback_test"] = test
+        if test["roll_back"]:
+            done = state.roll_back(reason="live AUC regressed", expected=deployment, span=span, live_auc=live,
+                                   previous_auc=previous_auc, test=test["reason"])
+            logging.warning("span %s: version %d rolled back to version %d: %s (%s)", span, done.bad_version,
+                            done.restored_version, test["reason"], done.server)
+            report.update(rolled_back=True, rolled_back_version=done.bad_version,
+                          restored_version=done.restored_version, serving_version=done.restored_version,
+                          deployed_stable=done.restored_version, deployed_previous=None)
     return report
 
 
@@ -199,15 +230,17 @@ def DeploymentGuard(
     model_name: Parameter[str],
     serving_address: Parameter[str],
     rollback_tolerance: Parameter[float],
+    rollback_confidence: Parameter[float],
 ) -> None:
     state = DeploymentState(serving_dir, model_name, serving_address)
-    report = guard(examples, anomalies, os.path.join(schema.uri, "schema.pbtxt"), state, rollback_tolerance)
+    report = guard(examples, anomalies, os.path.join(schema.uri, "schema.pbtxt"), state, rollback_tolerance,
+                   rollback_confidence)
     stable_dir = state.version_dir(report["serving_version"])
     if stable_dir:
         io_utils.copy_dir(stable_dir, os.path.join(serving_model.uri, "Format-Serving"))
 
     for key, value in report.items():
-        if value is None:
+        if value is None or isinstance(value, dict):  # the rollback test is in the JSON report
             continue
         if isinstance(value, bool):
             live_evaluation.set_int_custom_property(key, int(value))

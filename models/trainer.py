@@ -21,7 +21,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs  # noqa: E402
 from tfx.utils import io_utils  # noqa: E402
 from tensorflow_metadata.proto.v0 import schema_pb2  # noqa: E402
 
-from models import export, features as F, ranking_model, replay, spans, warm_start  # noqa: E402
+from models import catch_up, export, features as F, ranking_model, replay, spans, warm_start  # noqa: E402
 from models.records import count_records, iter_record_batches, record_dataset  # noqa: E402
 from models.preprocessing import vocabulary_assets  # noqa: E402
 from models.training import TrainingRun, TrainingSettings  # noqa: E402
@@ -229,6 +229,14 @@ def run_fn(fn_args: FnArgs) -> None:
     phases.done("count")
 
     span = run.span if run.span is not None else spans.newest_span(run.data_dir)
+    # Spans whose candidates were not pushed since the base model's span (models/catch_up.py).
+    caught_up_spans, caught_up_files = [], []
+    if run.mode == "incremental":
+        catch_up.record_span(run.replay_dir, span, fn_args.train_files)
+        caught_up_spans, caught_up_files = catch_up.since_base(run.replay_dir, span, fn_args.base_model)
+    caught_up_examples = count_records(caught_up_files) if caught_up_files else 0
+    train_files = list(fn_args.train_files) + caught_up_files
+    phases.done("catch_up")
     reservoir: Optional[replay.Reservoir] = None
     replayed: List[bytes] = []
     if run.mode == "incremental":
@@ -255,12 +263,12 @@ def run_fn(fn_args: FnArgs) -> None:
 
     run_name = f"span-{span}"
     log_dir = os.path.join(run.tensorboard_dir, "train", f"{run_name}-{int(started)}")
-    batch_size = training_batch_size(span_examples + len(replayed), settings.batch_size,
+    batch_size = training_batch_size(span_examples + caught_up_examples + len(replayed), settings.batch_size,
                                      settings.max_steps_per_epoch)
     flip = settings.flip_train_labels
     training = plain if not (flip or teacher) else make_transform(tft_layer, raw_spec, flip, teacher,
                                                                    settings.distillation_weight)
-    train_ds = make_dataset(fn_args.train_files, training, batch_size, shuffle_seed=settings.seed,
+    train_ds = make_dataset(train_files, training, batch_size, shuffle_seed=settings.seed,
                             replayed=replayed)
     eval_ds = make_dataset(fn_args.eval_files, plain, TRANSFORM_BATCH) if has_eval else None
     fit_started = time.time()
@@ -285,8 +293,10 @@ def run_fn(fn_args: FnArgs) -> None:
     phases.done("replay_absorb")
 
     summary = {
-        "examples_trained": span_examples + len(replayed),
+        "examples_trained": span_examples + caught_up_examples + len(replayed),
         "span_examples": span_examples,
+        "caught_up_spans": caught_up_spans,
+        "caught_up_examples": caught_up_examples,
         "replayed_examples": len(replayed),
         "train_seconds": train_seconds,
         "batch_size": batch_size,

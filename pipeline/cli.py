@@ -27,7 +27,7 @@ CONFIG_FILE = "config.json"
 # Knobs a user may set per run on the command line (the rest come from --config or config.json).
 TUNABLE = {
     "epochs": int, "learning_rate": float, "batch_size": int, "replay_fraction": float,
-    "auc_tolerance": float, "rollback_tolerance": float, "bad_row_budget": float,
+    "auc_tolerance": float, "rollback_tolerance": float, "gate_confidence": float, "rollback_confidence": float, "bad_row_budget": float,
     "keep_versions": int, "serving_address": str, "model_name": str, "optimizer": str,
 }
 NOT_SAVED_REASON = "is a per-run setting and is never saved; remove it (pass --mode, --force or --config to a run)"
@@ -229,6 +229,26 @@ def _fmt(value, digits=4) -> str:
     return str(value)
 
 
+def interval_text(test: Optional[Dict[str, Any]]) -> str:
+    """A paired AUC test as 'difference [lower, upper]' ('-' when nothing was compared)."""
+    if not test or test.get("difference") is None:
+        return "-"
+    if test.get("lower") is None:
+        return f"{test['difference']:+.4f}"
+    return f"{test['difference']:+.4f} [{test['lower']:+.4f}, {test['upper']:+.4f}]"
+
+
+def gate_text(record: Dict[str, Any]) -> str:
+    """The paired gate's verdict in a line: the AUC difference, its interval and the reason."""
+    gate = record.get("gate")
+    if not gate:
+        return ""
+    if gate.get("difference") is None:
+        return f"gate: {gate['reason']}"
+    level = f"{100 * gate['confidence']:g}% interval " if gate.get("lower") is not None else ""
+    return f"gate {level}{interval_text(gate)}: {gate['reason']}"
+
+
 def span_line(record: Dict[str, Any]) -> str:
     if record.get("event") == "rollback":
         return f"manual rollback: v{record['rolled_back_version']} -> v{record['restored_version']}"
@@ -241,11 +261,15 @@ def span_line(record: Dict[str, Any]) -> str:
     rolled = ""
     if record.get("rolled_back"):
         rolled = f"ROLLED BACK v{record['rolled_back_version']} -> v{record['restored_version']}; "
+    caught_up = record.get("caught_up_spans")
+    caught_up = f" (with span{'s' if len(caught_up) > 1 else ''} {', '.join(map(str, caught_up))})" if caught_up else ""
+    gate = f" [{gate_text(record)}]" if record.get("gate") else ""
     return (f"span {record['span']}: live AUC {_fmt(record['live_auc'])} (previous {_fmt(record['previous_auc'])}), "
             f"{rolled}"
             f"candidate AUC {_fmt(record['candidate_auc'])} vs baseline {_fmt(record['baseline_auc'])}: "
             f"{decision}, {push}; serving v{_fmt(record['serving_version'])}; "
-            f"{record['examples_trained']} examples, train {record['train_seconds']:.1f}s, run {record['run_seconds']:.1f}s")
+            f"{record['examples_trained']} examples{caught_up}, train {record['train_seconds']:.1f}s, "
+            f"run {record['run_seconds']:.1f}s{gate}")
 
 
 def run_spans(config, spans: List[int], show_progress: bool = True, verbose: bool = False) -> List[Dict[str, Any]]:
@@ -486,21 +510,32 @@ def cmd_history(args) -> int:
         print(f"no history in {args.work}")
         return 0
     header = ("span", "mode", "status", "live_auc", "previous_auc", "candidate_auc", "baseline_auc",
-              "blessed", "pushed", "rolled_back", "serving", "trained", "train_s", "run_s")
+              "gate_difference", "blessed", "pushed", "rolled_back", "serving", "trained", "caught_up",
+              "train_s", "run_s")
     rows = [header]
     for r in records:
         if r.get("event") == "rollback":
-            rows.append(("-", "manual", "rollback", "-", "-", "-", "-", "-", "-", "yes",
-                         _fmt(r.get("restored_version")), "0", "-", "-"))
+            rows.append(("-", "manual", "rollback", "-", "-", "-", "-", "-", "-", "-", "yes",
+                         _fmt(r.get("restored_version")), "0", "-", "-", "-"))
             continue
         rows.append((str(r["span"]), r.get("mode", "-"), r.get("status", "ok"), _fmt(r.get("live_auc")),
                      _fmt(r.get("previous_auc")), _fmt(r.get("candidate_auc")), _fmt(r.get("baseline_auc")),
-                     "yes" if r.get("blessed") else "no", _fmt(r.get("pushed_version")),
+                     interval_text(r.get("gate")), "yes" if r.get("blessed") else "no", _fmt(r.get("pushed_version")),
                      "yes" if r.get("rolled_back") else "no", _fmt(r.get("serving_version")),
-                     str(r.get("examples_trained", 0)), _fmt(r.get("train_seconds"), 1), _fmt(r.get("run_seconds"), 1)))
+                     str(r.get("examples_trained", 0)), ",".join(map(str, r.get("caught_up_spans") or [])) or "-",
+                     _fmt(r.get("train_seconds"), 1), _fmt(r.get("run_seconds"), 1)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    # The tests behind the decisions, one line each: the gate's and any rollback's.
+    for r in records:
+        if r.get("gate"):
+            print(f"span {r['span']}: {gate_text(r)}")
+        test = r.get("rollback_test")
+        if test:
+            verdict = "rolled back" if test.get("roll_back") else "kept"
+            print(f"span {r['span']}: rollback test {100 * test['confidence']:g}% interval "
+                  f"{interval_text(test)}: {verdict}, {test['reason']}")
     for r in records:
         if r.get("error"):
             print(f"span {r['span']}: {r['error']}")

@@ -52,9 +52,15 @@ class IncrecConfig(TrainingSettings):
     # Model and training: the fields of TrainingSettings (models/training.py), defaults and rules included.
 
     # Gates
-    auc_tolerance: float = 0.002  # candidate AUC may be this much below the serving model's
+    # The paired gate (DeLong's test on the eval rows, docs/ARCHITECTURE.md): a candidate is refused when it
+    # is worse than the serving model with this confidence, or worse by more than auc_tolerance whatever the
+    # evidence. On ~1,000 eval rows an AUC's standard error is ~0.015, so a tighter margin refuses on noise.
+    gate_confidence: float = 0.99
+    auc_tolerance: float = 0.02  # the practical margin: a larger AUC drop is refused even if not significant
     min_auc: float = 0.5  # no candidate worse than chance is blessed, baseline or not
-    rollback_tolerance: float = 0.005  # live AUC drop versus the previous version that rolls back
+    # Rollback: the same test on the live scores of `stable` and `previous` on span N's rows.
+    rollback_confidence: float = 0.99
+    rollback_tolerance: float = 0.005  # a larger live AUC drop versus the previous version rolls back
     keep_versions: int = 5  # version directories kept on disk
 
     # Serving
@@ -171,6 +177,9 @@ def _address(value: str) -> bool:
     return bool(host.strip("[]")) and port.isdigit() and 1 <= int(port) <= 65535
 
 
+# A one-sided confidence level: 0.5 would refuse any candidate that merely looks worse, 1 nothing ever.
+CONFIDENCE = _number("in [0.5, 1)", lambda v: 0.5 <= v < 1)
+
 RULES: Dict[str, Rule] = {
     "data_dir": PATH,
     "work_dir": PATH,
@@ -180,8 +189,10 @@ RULES: Dict[str, Rule] = {
     "bad_row_budget": FRACTION,
     "eval_fraction": _number("in (0, 1)", lambda v: 0 < v < 1),
     "max_eval_rows": _int(1),
+    "gate_confidence": CONFIDENCE,
     "auc_tolerance": UNIT,
     "min_auc": UNIT,
+    "rollback_confidence": CONFIDENCE,
     "rollback_tolerance": UNIT,
     "keep_versions": _int(1),
     "serving_address": Rule("str", "host:port (or empty for no server)", _address),

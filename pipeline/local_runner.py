@@ -1,7 +1,8 @@
 """Runs one span with the TFX LocalDagRunner and turns its outcome into a history record.
 
 The record is read back from what the components wrote to MLMD and their
-artifacts (live evaluation, Evaluator metrics and blessing, push), appended
+artifacts (live evaluation and rollback test, Evaluator metrics, the
+PairedGate's verdict, push), appended
 to `WORK/history.jsonl`, and returned for the backfill report.
 """
 from __future__ import annotations

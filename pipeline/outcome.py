@@ -139,6 +139,7 @@ def evaluator_aucs(evaluation_uri: str) -> Tuple[Optional[float], Optional[float
 def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
     """The history record of the newest run of `span` (fields of DESIGN.md's report, plus detail)."""
     from components.deployment_guard import REPORT_FILE
+    from components.paired_gate import GATE_FILE
     from models.trainer import SUMMARY_FILE
 
     artifacts = run_artifacts(config, started)
@@ -165,6 +166,8 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
         if report.get("rolled_back"):
             record.update(rolled_back_version=report["rolled_back_version"],
                           restored_version=report["restored_version"])
+        if report.get("rollback_test") is not None:
+            record["rollback_test"] = report["rollback_test"]
 
     model = get(("Trainer", "model"))
     summary = _artifact_json(model, SUMMARY_FILE)
@@ -173,7 +176,9 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
                       examples_trained=summary["examples_trained"],
                       train_seconds=round(summary["train_seconds"], 3),
                       replayed_examples=summary["replayed_examples"],
-                      warm_started_from=summary["warm_started_from"])
+                      warm_started_from=summary["warm_started_from"],
+                      caught_up_spans=summary.get("caught_up_spans", []),
+                      caught_up_examples=summary.get("caught_up_examples", 0))
 
     evaluation = get(("Evaluator", "evaluation"))
     if evaluation is not None:
@@ -182,6 +187,15 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
     blessing = get(("Evaluator", "blessing"))
     if blessing is not None:
         record["blessed"] = _custom(blessing, "blessed") == 1
+    # The PairedGate's verdict is what the Pusher acted on; its AUCs are exact and on the same rows.
+    gate_blessing = get(("PairedGate", "blessing"))
+    gate = _artifact_json(gate_blessing, GATE_FILE)
+    if gate_blessing is not None:
+        record["blessed"] = _custom(gate_blessing, "blessed") == 1
+    if gate is not None:
+        record["gate"] = gate
+        if gate.get("compared"):
+            record.update(candidate_auc=gate["candidate_auc"], baseline_auc=gate["baseline_auc"])
 
     pushed = get(("ServingPusher", "pushed_model"))
     if pushed is not None and _custom(pushed, "pushed") == 1:

@@ -1,11 +1,12 @@
 """create_pipeline(config, span): the TFX pipeline for one span.
 
     SpanExampleGen (examples + statistics) -> [SchemaGen -> SchemaCurator | ImportSchemaGen]
-      -> ExampleValidator -> DeploymentGuard -> Transform -> Trainer -> Evaluator -> ServingPusher
+      -> ExampleValidator -> DeploymentGuard -> Transform -> Trainer -> Evaluator -> PairedGate -> ServingPusher
 
 The first span infers and curates the schema; every later span is validated
 against the curated copy kept in the work directory. The DeploymentGuard
-hands the model serving now to Trainer (warm start) and Evaluator (baseline).
+hands the model serving now to Trainer (warm start) and PairedGate (the model
+the candidate is compared with on the same eval rows, DeLong's test).
 """
 from __future__ import annotations
 
@@ -27,29 +28,29 @@ from tfx.types import channel, standard_artifacts
 from components.deployment import DeploymentState
 from components.deployment_guard import DeploymentGuard
 from components.example_gen import SpanExampleGen
+from components.paired_gate import PairedGate
 from components.schema_curator import SchemaCurator
 from components.serving_pusher import ServingPusher
 from models import features as F
 from pipeline.config import IncrecConfig
 
-CANDIDATE, BASELINE = "candidate", "baseline"
+CANDIDATE = "candidate"
 SLICES = [tfma.SlicingSpec(), tfma.SlicingSpec(feature_keys=[F.USER_IS_NEW])]
 
 
-def eval_config(config: IncrecConfig, with_baseline: bool) -> tfma.EvalConfig:
-    """AUC, log loss and calibration, overall and new vs returning users; the gate is on overall AUC."""
+def eval_config(config: IncrecConfig) -> tfma.EvalConfig:
+    """AUC, log loss and calibration, overall and new vs returning users, of the candidate alone.
+
+    TFMA keeps the metrics, the slices and the better-than-chance check
+    (`min_auc`); the comparison with the serving model is the PairedGate's
+    paired test, so TFMA neither loads nor scores the serving model.
+    """
     # TFMA blesses nothing without a threshold, so even the first span has one: better than chance.
     threshold = tfma.MetricThreshold(value_threshold=tfma.GenericValueThreshold(
         lower_bound={"value": config.min_auc}))
-    if with_baseline:
-        threshold.change_threshold.CopyFrom(tfma.GenericChangeThreshold(
-            direction=tfma.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -config.auc_tolerance}))
     auc_thresholds = [tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=threshold)]
     model_specs = [tfma.ModelSpec(name=CANDIDATE, signature_name="regress", label_key=F.LABEL,
                                   preprocessing_function_names=["transform_features"])]
-    if with_baseline:
-        model_specs.append(tfma.ModelSpec(name=BASELINE, signature_name="regress", label_key=F.LABEL,
-                                          is_baseline=True))
     return tfma.EvalConfig(
         model_specs=model_specs,
         slicing_specs=SLICES,
@@ -104,7 +105,8 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
                             serving_dir=config.serving_dir,
                             model_name=config.model_name,
                             serving_address=config.serving_address,
-                            rollback_tolerance=config.rollback_tolerance)
+                            rollback_tolerance=config.rollback_tolerance,
+                            rollback_confidence=config.rollback_confidence)
     transform = Transform(
         examples=example_gen.outputs["examples_parquet"],
         schema=schema,
@@ -155,14 +157,22 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
     evaluator = Evaluator(
         examples=example_gen.outputs["examples"],
         model=trainer.outputs["model"],
-        baseline_model=guard.outputs["serving_model"] if with_baseline else None,
         schema=schema,
         example_splits=["eval"],
-        eval_config=eval_config(config, with_baseline),
+        eval_config=eval_config(config),
+    )
+    # The guard's serving_model is empty when nothing serves: the gate then leaves the verdict to TFMA.
+    gate = PairedGate(
+        examples=example_gen.outputs["examples"],
+        model=trainer.outputs["model"],
+        baseline_model=guard.outputs["serving_model"],
+        value_blessing=evaluator.outputs["blessing"],
+        confidence=config.gate_confidence,
+        margin=config.auc_tolerance,
     )
     pusher = ServingPusher(
         model=trainer.outputs["model"],
-        model_blessing=evaluator.outputs["blessing"],
+        model_blessing=gate.outputs["blessing"],
         live_evaluation=guard.outputs["live_evaluation"],
         model_name=config.model_name,
         serving_dir=config.serving_dir,
@@ -170,7 +180,7 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         serving_address=config.serving_address,
         force=int(config.force_push),
     )
-    nodes += [trainer, evaluator, pusher]
+    nodes += [trainer, evaluator, gate, pusher]
 
     if orchestrator == "local" and metadata_connection_config is None:
         metadata_connection_config = metadata.sqlite_metadata_connection_config(

@@ -156,6 +156,9 @@ def test_tensorboard_has_a_run_per_span_and_a_timeline(shared_run):
     assert steps["auc/candidate_auc"] >= set(range(1, TEST_SPANS + 1))
     assert steps["auc/live_auc"] >= set(range(2, TEST_SPANS + 1))
     assert {"decision/pushed", "decision/rolled_back", "decisions"} <= set(steps)
+    # The paired gate compares from span 2 on, the rollback test once a previous version exists (span 3).
+    assert steps["gate/difference"] >= set(range(2, TEST_SPANS + 1)) and steps["gate/upper"] == steps["gate/lower"]
+    assert steps["rollback_test/difference"] >= set(range(3, TEST_SPANS + 1))
 
 
 # --- runs that must not change what serves; they reuse the shared work directory after it is done ---
@@ -199,12 +202,19 @@ def test_missing_required_column_names_file_and_column(shared_run):
     assert _serving_state(work) == before
 
 
+def flipped_config(shared_run, tmp_path) -> Path:
+    """The shared settings with flipped training labels, trained long enough to be clearly worse: one epoch
+    from a warm start moves the model about 0.02 AUC, within the noise of 150 eval rows."""
+    config = dict(json.loads(shared_run["config"].read_text()), flip_train_labels=True, epochs=6)
+    flipped = tmp_path / "flipped.json"
+    flipped.write_text(json.dumps(config))
+    return flipped
+
+
 def test_candidate_trained_on_flipped_labels_is_not_blessed_or_pushed(shared_run, tmp_path):
     data, work = shared_run["data"], shared_run["work"]
     before = _serving_state(work)
-    config = dict(json.loads(shared_run["config"].read_text()), flip_train_labels=True)
-    flipped = tmp_path / "flipped.json"
-    flipped.write_text(json.dumps(config))
+    flipped = flipped_config(shared_run, tmp_path)
     increc("run", "--data", str(data), "--work", str(work), "--span", "4", "--no-progress", "--config", str(flipped))
     record = history(work)[-1]
     assert record["span"] == 4 and record["status"] == "ok"
@@ -213,6 +223,79 @@ def test_candidate_trained_on_flipped_labels_is_not_blessed_or_pushed(shared_run
     assert _serving_state(work) == before
     saved = json.loads((work / "config.json").read_text())
     assert "flip_train_labels" not in saved, "a one-off switch must not stick to the work directory"
+    # The paired gate refused it: worse with confidence, the whole 99% interval below 0.
+    gate = record["gate"]
+    assert gate["compared"] and gate["blessed"] is False and gate["paired_blessed"] is False
+    assert gate["confidence"] == 0.99 and gate["margin"] == pytest.approx(0.02)
+    assert gate["reason"].startswith("below min_auc") and "worse with confidence" in gate["reason"]
+    assert gate["lower"] <= gate["difference"] <= gate["upper"] < 0
+    assert gate["p_value"] < 0.01
+    assert gate["difference"] == pytest.approx(gate["candidate_auc"] - gate["baseline_auc"])
+    assert (record["candidate_auc"], record["baseline_auc"]) == (gate["candidate_auc"], gate["baseline_auc"])
+    table = increc("history", "--work", str(work)).stdout
+    interval = f"{gate['difference']:+.4f} [{gate['lower']:+.4f}, {gate['upper']:+.4f}]"
+    assert "gate_difference" in table.splitlines()[0] and interval in table
+    assert f"span 4: gate 99% interval {interval}: {gate['reason']}" in table
+
+
+def test_a_rejected_span_is_trained_on_by_the_next_candidate(shared_run, tmp_path):
+    """Span 4's candidate is refused; the run of span 5 warm-starts from span 3's version and trains on 4 and 5."""
+    data, work = shared_run["data"], shared_run["work"]
+    last = history(work)[-1]
+    if not (last["span"] == 4 and last["status"] == "ok" and not last["blessed"]):
+        flipped = flipped_config(shared_run, tmp_path)
+        increc("run", "--data", str(data), "--work", str(work), "--span", "4", "--no-progress", "--config", str(flipped))
+        assert history(work)[-1]["blessed"] is False
+    rejected = history(work)[-1]
+    serving = model_config.read_deployment(str(work / "serving" / "models.config"), "increc").stable
+    result = increc("run", "--data", str(data), "--work", str(work), "--span", "5", "--no-progress",
+                    "--config", str(shared_run["config"]))
+    record = history(work)[-1]
+    assert record["span"] == 5 and record["status"] == "ok" and record["mode"] == "incremental"
+    assert record["caught_up_spans"] == [4]
+    assert record["live_version"] == serving
+    train_rows = {s: r["rows"] - max(1, round(r["rows"] * 0.1)) for s, r in ((4, rejected), (5, record))}
+    assert record["caught_up_examples"] == train_rows[4]
+    assert record["examples_trained"] == train_rows[4] + train_rows[5] > rejected["examples_trained"]
+    assert "(with span 4)" in result.stdout
+    lines = increc("history", "--work", str(work)).stdout.splitlines()
+    column = lines[0].index("caught_up")
+    span_5 = [line for line in lines if line.startswith("5 ") and "incremental" in line][-1]
+    assert span_5[column:].split()[0] == "4"
+
+
+def test_gate_decision_on_real_scores(shared_run):
+    """The gate's rule on what the pushed versions score on span 3's eval rows (models/statistics.py's DeLong)."""
+    from components.paired_gate import paired_decision, score_rows
+
+    work = shared_run["work"]
+    records = [r for r in history(work) if r["span"] <= TEST_SPANS and r.get("pushed_version")]
+    assert len(records) >= 2
+    old, new = (str(work / "serving" / "increc" / str(r["pushed_version"])) for r in records[-2:])
+    examples = sorted((work / "pipeline" / "SpanExampleGen" / "examples").iterdir(), key=lambda p: int(p.name))
+    eval_rows = [str(examples[TEST_SPANS - 1] / "Split-eval" / "*")]
+    labels, candidate, baseline = score_rows(eval_rows, new, old)
+    assert len(labels) == len(candidate) == len(baseline) > 100
+    # Two real models on the same rows: the decision is DeLong's with the configured level and margin.
+    from models.statistics import decide, delong
+    gate = paired_decision(labels, candidate, baseline, 0.99, 0.02)
+    expected = decide(delong(labels, candidate, baseline, 0.99), 0.99, 0.02)
+    assert gate["blessed"] == expected.blessed and gate["reason"] == expected.reason
+    assert gate["lower"] < gate["difference"] < gate["upper"] and gate["compared"]
+    # The same model against itself: no difference, blessed.
+    same = paired_decision(labels, candidate, candidate, 0.99, 0.02)
+    assert same["blessed"] and same["difference"] == 0 and same["reason"].startswith("not shown worse")
+    # Its scores reversed (a flipped model): worse by more than the margin (with AUCs this close to chance,
+    # not necessarily with 99% confidence on 150 rows).
+    flipped = paired_decision(labels, 1 - candidate, candidate, 0.99, 0.02)
+    assert not flipped["blessed"] and "by more than the margin 0.02" in flipped["reason"]
+    assert flipped["difference"] == pytest.approx(1 - 2 * gate["candidate_auc"])
+    # TFMA's value threshold refused: never blessed, whatever the paired test says.
+    below = paired_decision(labels, candidate, candidate, 0.99, 0.02, value_blessed=False)
+    assert not below["blessed"] and below["paired_blessed"] and below["reason"].startswith("below min_auc")
+    # Nothing serving: only TFMA's verdict.
+    first = paired_decision(labels, candidate, None, 0.99, 0.02)
+    assert first["blessed"] and not first["compared"] and first["reason"] == "no serving model to compare with"
 
 
 def test_full_mode_retrains_from_scratch_on_every_span(shared_run):
@@ -235,7 +318,7 @@ def test_kubeflow_spec_compiles_and_names_every_component(shared_run, tmp_path):
     spec = json.loads(out.read_text())
     tasks = set(spec["pipelineSpec"]["root"]["dag"]["tasks"])
     assert tasks == {"SpanExampleGen", "ImportSchemaGen", "ExampleValidator", "DeploymentGuard",
-                     "Transform", "Trainer", "Evaluator", "ServingPusher"}
+                     "Transform", "Trainer", "Evaluator", "PairedGate", "ServingPusher"}
     images = {e["container"]["image"] for e in spec["pipelineSpec"]["deploymentSpec"]["executors"].values()
               if "container" in e}
     assert images == {"registry.example/increc:test"}
