@@ -47,7 +47,11 @@ def free_port() -> int:
 
 
 class PeakRss:
-    """Samples the RSS of a process and all its descendants; keeps the largest total."""
+    """Samples the RSS of a process and all its descendants; keeps the largest total.
+
+    It also keeps each process's last CPU seconds: their sum is the run's CPU
+    time, which says what a span costs even when other jobs share the cores.
+    """
 
     def __init__(self, pid: int, every: float = 0.2):
         import psutil
@@ -55,6 +59,7 @@ class PeakRss:
         self._root = psutil.Process(pid)
         self._every = every
         self.peak = 0
+        self._cpu: Dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -69,6 +74,8 @@ class PeakRss:
                 for p in processes:
                     try:
                         total += p.memory_info().rss
+                        times = p.cpu_times()
+                        self._cpu[p.pid] = times.user + times.system
                     except psutil.Error:
                         pass
                 self.peak = max(self.peak, total)
@@ -80,6 +87,10 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
         return self.peak
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(self._cpu.values())
 
 
 def increc(*args: str) -> subprocess.CompletedProcess:
@@ -98,6 +109,7 @@ def measured_run(data: str, work: str, span: int, config: str) -> Dict[str, Any]
     output, _ = process.communicate()
     peak = rss.stop()
     seconds = time.time() - started
+    load = os.getloadavg()[1]  # the 5-minute load average: how busy the cores were with this and other jobs
     if process.returncode != 0:
         raise RuntimeError(f"span {span} of {data} failed:\n{output[-3000:]}")
     from pipeline.config import IncrecConfig
@@ -107,9 +119,15 @@ def measured_run(data: str, work: str, span: int, config: str) -> Dict[str, Any]
     record = read_history(work)[-1]
     components = component_seconds(IncrecConfig(data_dir=data, work_dir=work), record["time"])
     return {"span": span, "rows": record.get("rows"), "seconds": round(seconds, 1), "peak_rss_bytes": peak,
+            "cpu_seconds": round(rss.cpu_seconds, 1), "load_average": round(load, 2),
             "components": components, "live_auc": record.get("live_auc"), "candidate_auc": record.get("candidate_auc"),
             "blessed": record.get("blessed"), "train_seconds": record.get("train_seconds"),
             "examples_trained": record.get("examples_trained"), "output": output.strip().splitlines()[-1:]}
+
+
+def summary(run: Dict[str, Any]) -> str:
+    return (f"{run['seconds']} s ({run['cpu_seconds']} CPU s, load {run['load_average']}), "
+            f"peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB")
 
 
 def run_size(rows: int, scratch: Path, seed: int, keep: bool = False) -> Dict[str, Any]:
@@ -123,14 +141,13 @@ def run_size(rows: int, scratch: Path, seed: int, keep: bool = False) -> Dict[st
     config = scratch / f"config-{rows}.json"
     config.write_text(json.dumps({"serving_address": f"127.0.0.1:{port}"}))
     first = measured_run(str(data), str(work), 1, str(config))
-    print(f"  {rows} rows, span 1: {first['seconds']} s, peak RSS {first['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
+    print(f"  {rows} rows, span 1: {summary(first)}", flush=True)
     increc("up", "--work", str(work), "--port", str(port), "--rest-port", str(free_port()))
     try:
         second = measured_run(str(data), str(work), 2, str(config))
     finally:
         increc("down", "--work", str(work))
-    print(f"  {rows} rows, span 2: {second['seconds']} s, peak RSS {second['peak_rss_bytes'] / GIB:.2f} GiB",
-          flush=True)
+    print(f"  {rows} rows, span 2: {summary(second)}", flush=True)
     if not keep:
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
@@ -173,12 +190,12 @@ def goals(results: List[Dict[str, Any]]) -> List[str]:
 
 def report(results: List[Dict[str, Any]], out_dir: Path) -> None:
     components = sorted({c for r in results for s in r["spans"] for c in s["components"]})
-    header = ["rows", "span", "seconds", "rows/s", "peak RSS GiB"] + components
+    header = ["rows", "span", "seconds", "rows/s", "CPU s", "load", "peak RSS GiB"] + components
     rows = []
     for r in results:
         for s in r["spans"]:
-            rows.append([r["rows"], s["span"], s["seconds"], round(r["rows"] / s["seconds"]),
-                         round(s["peak_rss_bytes"] / GIB, 2)] + [round(s["components"].get(c, 0), 1) for c in components])
+            rows.append([r["rows"], s["span"], s["seconds"], round(r["rows"] / s["seconds"]), s.get("cpu_seconds", "-"),
+                         s.get("load_average", "-"), round(s["peak_rss_bytes"] / GIB, 2)] + [round(s["components"].get(c, 0), 1) for c in components])
     table = markdown_table(header, rows)
     lines = goals(results)
     (out_dir / "scale.md").write_text("# Scale benchmark\n\n" + table + "\n\n" + "\n".join(f"- {g}" for g in lines) + "\n")
@@ -197,7 +214,7 @@ def report(results: List[Dict[str, Any]], out_dir: Path) -> None:
         left.loglog(sizes, [r["spans"][span - 1]["seconds"] for r in results], style, label=f"span {span} end to end")
         right.loglog(sizes, [r["spans"][span - 1]["peak_rss_bytes"] / GIB for r in results], style,
                      label=f"span {span}")
-    for component in ("SpanExampleGen", "StatisticsGen", "Transform", "Trainer", "Evaluator", "DeploymentGuard"):
+    for component in ("SpanExampleGen", "Transform", "Trainer", "Evaluator", "PairedGate", "DeploymentGuard"):
         left.loglog(sizes, [max(r["spans"][1]["components"].get(component, 0), 1e-2) for r in results], ".:",
                     label=component)
     left.set(xlabel="rows per span", ylabel="seconds", title="seconds per span (2 cores)")
@@ -216,16 +233,21 @@ def main(argv=None) -> int:
     parser.add_argument("--scratch", help="where data and work directories go (default: a temporary directory)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--keep", action="store_true", help="keep each size's data and work directories")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other sizes of an earlier scale.json in --out (measure one size again)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="increc-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
+    earlier: List[Dict[str, Any]] = []
+    if args.update and (out_dir / "scale.json").exists():
+        earlier = [r for r in json.loads((out_dir / "scale.json").read_text())["sizes"] if r["rows"] not in sizes]
+    results = list(earlier)
     for rows in sizes:
         print(f"{rows} rows a span:", flush=True)
-        results.append(run_size(rows, scratch, args.seed, args.keep))
+        results = sorted(results + [run_size(rows, scratch, args.seed, args.keep)], key=lambda r: r["rows"])
         write_json(str(out_dir / "scale.json"), {"sizes": results, "goals": goals(results)})
     report(results, out_dir)
     return 0
