@@ -37,7 +37,7 @@ from tfx.utils import io_utils
 from components.deployment import DeploymentState
 from models import features as F
 from models import export
-from models.records import iter_record_batches
+from models.records import count_records, iter_record_batches
 from models.metrics import auc
 from models.statistics import decide, delong
 from serving.model_config import PREVIOUS, STABLE, Deployment
@@ -93,11 +93,13 @@ def saved_model_scorer(path: str):
 
 
 def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[str], client=None, categorical=(),
-                numeric=()):
+                numeric=(), max_rows: Optional[int] = None, seed: int = 0):
     """(report, labels, {name: scores}): the AUC on the span of each (name, server label, version), scored
     batch by batch as the records stream past.
 
-    Only labels and scores (numbers) are kept, never the span's examples.
+    Only labels and scores (numbers) are kept, never the span's examples. A
+    span of more than `max_rows` rows is measured on a uniform sample of about
+    that many, drawn with `seed` (the span), so a rerun measures the same rows.
     """
     out: Dict[str, Optional[float]] = {"measured_by": "server" if client is not None else "saved_model"}
     scorers = {}
@@ -109,7 +111,14 @@ def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[st
                              if client is not None else saved_model_scorer(path))
     labels, scores = [], {name: [] for name in scorers}
     rows = 0
+    span_rows = count_records(patterns) if max_rows else 0
+    keep = min(1.0, max_rows / span_rows) if span_rows else 1.0
+    rng = np.random.default_rng(seed)
     for batch in iter_record_batches(patterns, LIVE_BATCH):
+        if keep < 1.0:
+            batch = [batch[i] for i in np.flatnonzero(rng.random(len(batch)) < keep)]
+            if not batch:
+                continue
         labels.append(export.labels(batch).astype(np.int8))
         for name, score in scorers.items():
             scores[name].append(score(batch).astype(np.float32))
@@ -119,6 +128,7 @@ def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[st
     for name in scorers:
         out[name] = auc(all_labels, all_scores[name]) if labels else None
     out["examples"] = rows
+    out["sampled"] = keep < 1.0
     return out, all_labels, all_scores
 
 
@@ -152,7 +162,7 @@ def reachable_client(address: str):
 
 
 def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollback_tolerance: float,
-          rollback_confidence: float = 0.99) -> dict:
+          rollback_confidence: float = 0.99, max_live_rows: Optional[int] = None) -> dict:
     """Everything the component does, as a plain function; returns the live-evaluation report.
 
     `serving_version`/`previous_version`: what served when the span arrived,
@@ -188,7 +198,7 @@ def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollbac
     client = reachable_client(state.serving_address) if state.serving_address else None
     try:
         measured, labels, scores = live_scores(state, versions, example_patterns(examples), client, categorical,
-                                               numeric)
+                                               numeric, max_live_rows, seed=span)
         report.update(measured)
     finally:
         if client is not None:
@@ -231,10 +241,11 @@ def DeploymentGuard(
     serving_address: Parameter[str],
     rollback_tolerance: Parameter[float],
     rollback_confidence: Parameter[float],
+    max_live_rows: Parameter[int],
 ) -> None:
     state = DeploymentState(serving_dir, model_name, serving_address)
     report = guard(examples, anomalies, os.path.join(schema.uri, "schema.pbtxt"), state, rollback_tolerance,
-                   rollback_confidence)
+                   rollback_confidence, max_live_rows)
     stable_dir = state.version_dir(report["serving_version"])
     if stable_dir:
         io_utils.copy_dir(stable_dir, os.path.join(serving_model.uri, "Format-Serving"))

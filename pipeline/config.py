@@ -61,6 +61,9 @@ class IncrecConfig(TrainingSettings):
     # Rollback: the same test on the live scores of `stable` and `previous` on span N's rows.
     rollback_confidence: float = 0.99
     rollback_tolerance: float = 0.005  # a larger live AUC drop versus the previous version rolls back
+    # Live AUCs are measured on a uniform sample of at most this many of span N's rows: the server
+    # scores each one, and 200k rows put an AUC's standard error near 0.001.
+    max_live_rows: int = 200_000
     keep_versions: int = 5  # version directories kept on disk
 
     # Serving
@@ -194,6 +197,7 @@ RULES: Dict[str, Rule] = {
     "min_auc": UNIT,
     "rollback_confidence": CONFIDENCE,
     "rollback_tolerance": UNIT,
+    "max_live_rows": _int(1),
     "keep_versions": _int(1),
     "serving_address": Rule("str", "host:port (or empty for no server)", _address),
     "force_push": BOOL,

@@ -106,7 +106,8 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
                             model_name=config.model_name,
                             serving_address=config.serving_address,
                             rollback_tolerance=config.rollback_tolerance,
-                            rollback_confidence=config.rollback_confidence)
+                            rollback_confidence=config.rollback_confidence,
+                            max_live_rows=config.max_live_rows)
     transform = Transform(
         examples=example_gen.outputs["examples_parquet"],
         schema=schema,

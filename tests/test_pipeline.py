@@ -322,3 +322,27 @@ def test_kubeflow_spec_compiles_and_names_every_component(shared_run, tmp_path):
     images = {e["container"]["image"] for e in spec["pipelineSpec"]["deploymentSpec"]["executors"].values()
               if "container" in e}
     assert images == {"registry.example/increc:test"}
+
+
+def test_live_aucs_of_a_large_span_come_from_a_repeatable_uniform_sample(shared_run):
+    from components.deployment_guard import live_scores
+    from models.records import count_records
+    from serving.model_config import STABLE
+
+    work = shared_run["work"]
+    state = DeploymentState(str(work / "serving"), "increc")
+    examples = sorted((work / "pipeline" / "SpanExampleGen" / "examples").iterdir(), key=lambda p: int(p.name))[-1]
+    patterns = [str(split / "*") for split in examples.glob("Split-*")]
+    versions = [("live_auc", STABLE, state.current().stable)]
+    total = count_records(patterns)
+
+    whole, labels, _ = live_scores(state, versions, patterns)
+    assert whole["examples"] == total == len(labels) and not whole["sampled"]
+    cap = total // 4
+    first, sample, scores = live_scores(state, versions, patterns, max_rows=cap, seed=3)
+    again, same, same_scores = live_scores(state, versions, patterns, max_rows=cap, seed=3)
+    assert first["sampled"] and 0.5 * cap < first["examples"] < 1.5 * cap
+    assert len(sample) == first["examples"] and 0 < sample.mean() < 1, "both classes in the sample"
+    np.testing.assert_array_equal(sample, same)
+    np.testing.assert_array_equal(scores["live_auc"], same_scores["live_auc"])
+    assert first["live_auc"] == again["live_auc"] and abs(first["live_auc"] - whole["live_auc"]) < 0.1
