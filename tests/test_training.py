@@ -11,7 +11,7 @@ from models.training import ConfigError, TrainingRun, TrainingSettings
 
 def a_run(**settings) -> TrainingRun:
     return TrainingRun(settings=TrainingSettings(**settings), mode="incremental", span=3, data_dir="/data",
-                       replay_dir="/work/replay", tensorboard_dir="/work/tensorboard")
+                       replay_dir="/deployment/replay", tensorboard_dir="/deployment/tensorboard")
 
 
 def test_a_training_run_round_trips_through_the_trainers_json_custom_config():
