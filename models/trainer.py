@@ -69,7 +69,7 @@ def make_transform(tft_layer, raw_spec, flip_labels: bool = False, teacher=None,
 
 
 def make_dataset(patterns: List[str], transform, batch_size: int, shuffle_seed=None,
-                 replayed: Sequence[bytes] = ()) -> tf.data.Dataset:
+                 replayed: Sequence[bytes] = (), records_in_files: Optional[int] = None) -> tf.data.Dataset:
     """Batches of (transformed features, label) streamed from the TFRecord files, never the whole span in memory.
 
     Records are shuffled as bytes, transformed TRANSFORM_BATCH at a time (one
@@ -78,7 +78,8 @@ def make_dataset(patterns: List[str], transform, batch_size: int, shuffle_seed=N
     spread evenly over the chunks and shuffled into each: every record and
     every replayed example once an epoch. (`sample_from_datasets` mixes one
     record at a time at ~40 us each, which tripled the training time of a
-    1M-row span.)
+    1M-row span.) `records_in_files` is the number of records the patterns
+    hold, where the caller has counted them already.
     """
     records = record_dataset(patterns)
     if shuffle_seed is not None:
@@ -86,7 +87,7 @@ def make_dataset(patterns: List[str], transform, batch_size: int, shuffle_seed=N
     if not len(replayed):
         chunks = records.batch(TRANSFORM_BATCH)
     else:
-        span_rows = count_records(patterns)
+        span_rows = count_records(patterns) if records_in_files is None else records_in_files
         from_span = max(1, round(TRANSFORM_BATCH * span_rows / (span_rows + len(replayed))))
         from_replay = -(-len(replayed) // max(1, -(-span_rows // from_span)))
         replay = tf.data.Dataset.from_tensor_slices(tf.constant(list(replayed), tf.string))
@@ -278,7 +279,7 @@ def run_fn(fn_args: FnArgs) -> None:
     training = plain if not (flip or teacher) else make_transform(tft_layer, raw_spec, flip, teacher,
                                                                    settings.distillation_weight)
     train_ds = make_dataset(train_files, training, batch_size, shuffle_seed=settings.seed,
-                            replayed=replayed)
+                            replayed=replayed, records_in_files=span_examples + caught_up_examples)
     eval_ds = make_dataset(fn_args.eval_files, plain, TRANSFORM_BATCH) if has_eval else None
     fit_started = time.time()
     history = fit(model, train_ds, settings.epochs)
