@@ -1,0 +1,125 @@
+"""Baseline top-K recommenders for the prequential ranking benchmark.
+
+Both are fit on the interactions of spans 1..N-1 and asked, per user, for
+the K items to show next. Items the user already interacted with in the fit
+data (liked or not) are never recommended: the benchmark rewards finding
+new items, not repeating known ones.
+
+- Popularity: items by their number of positive interactions, ties by item
+  id so runs repeat; only items with at least one positive are ranked.
+- CoOccurrence: item-to-item. X is the user x item matrix of positives,
+  C = X^T X with the diagonal zeroed counts the users who liked both items,
+  and cosine normalisation C_ij / sqrt(n_i n_j) (n_i: users who liked i)
+  keeps popular items from co-occurring with everything. A user's score for
+  j sums the normalised C_ij over the items i they liked. Items scoring 0
+  are not ranked by it; the list is completed from Popularity, which also
+  serves users with no positives and users the fit data never saw.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Set, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def _columns(users: Sequence[str], items: Sequence[str],
+             labels: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    users, items = np.asarray(users, dtype=str), np.asarray(items, dtype=str)
+    positive = np.asarray(labels) == 1
+    if not users.shape == items.shape == positive.shape:
+        raise ValueError(f"{users.size} users, {items.size} items and {positive.size} labels")
+    return users, items, positive
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+
+
+class Popularity:
+    def fit(self, users: Sequence[str], items: Sequence[str], labels: Sequence[int]) -> "Popularity":
+        users, items, positive = _columns(users, items, labels)
+        # np.unique returns ids sorted, so a stable sort by count breaks ties by id.
+        ids, counts = np.unique(items[positive], return_counts=True)
+        self.ranked: List[str] = ids[np.argsort(-counts, kind="stable")].tolist()
+        self.seen: Dict[str, Set[str]] = {}
+        for user, item in zip(users.tolist(), items.tolist()):
+            self.seen.setdefault(user, set()).add(item)
+        return self
+
+    def recommend(self, users: Sequence[str], k: int) -> Dict[str, List[str]]:
+        _check_k(k)
+        return {user: self.complete(user, [], k) for user in users}
+
+    def complete(self, user: str, chosen: List[str], k: int) -> List[str]:
+        """`chosen` followed by the most popular items the user has not seen and `chosen` lacks, up to k."""
+        skip = self.seen.get(user, set()) | set(chosen)
+        result = list(chosen[:k])
+        for item in self.ranked:
+            if len(result) >= k:
+                break
+            if item not in skip:
+                result.append(item)
+        return result
+
+
+def _top_positive(scores: np.ndarray, k: int) -> List[np.ndarray]:
+    """Per row, the columns of its k highest positive scores, best first, ties by column."""
+    if k < scores.shape[1]:
+        kth = np.partition(scores, -k, axis=1)[:, -k]  # each row's k-th largest score
+        candidates = (scores >= kth[:, None]) & (scores > 0)
+    else:
+        candidates = scores > 0
+    rows, cols = np.nonzero(candidates)
+    order = np.lexsort((cols, -scores[rows, cols], rows))
+    rows, cols = rows[order], cols[order]
+    # Ties at the k-th score can leave a row more than k candidates: keep the first k.
+    starts = np.searchsorted(rows, np.arange(len(scores)))
+    ends = np.minimum(np.searchsorted(rows, np.arange(len(scores)), side="right"), starts + k)
+    return [cols[start:end] for start, end in zip(starts, ends)]
+
+
+class CoOccurrence:
+    def __init__(self, chunk_size: int = 512):
+        # Scores are dense for chunk_size users at a time: chunk_size x items floats.
+        self.chunk_size = chunk_size
+
+    def fit(self, users: Sequence[str], items: Sequence[str], labels: Sequence[int]) -> "CoOccurrence":
+        users, items, positive = _columns(users, items, labels)
+        self.popularity = Popularity().fit(users, items, labels)
+        user_ids, user_codes = np.unique(users, return_inverse=True)
+        self.item_ids, item_codes = np.unique(items, return_inverse=True)  # sorted: column order is id order
+        self.user_index: Dict[str, int] = {user: row for row, user in enumerate(user_ids.tolist())}
+        shape = (len(user_ids), len(self.item_ids))
+
+        self.seen = sp.csr_matrix((np.ones(users.size), (user_codes, item_codes)), shape=shape)
+        liked = sp.csr_matrix((np.ones(int(positive.sum())), (user_codes[positive], item_codes[positive])),
+                              shape=shape)
+        liked.data[:] = 1.0  # a positive repeated in the log counts once
+        self.liked = liked
+
+        together = (liked.T @ liked).tocsr()
+        together = (together - sp.diags(together.diagonal())).tocsr()  # an item does not recommend itself
+        together.eliminate_zeros()
+        likers = np.asarray(liked.sum(axis=0)).ravel()
+        scale = np.divide(1.0, np.sqrt(likers), out=np.zeros_like(likers), where=likers > 0)
+        self.similarity = (sp.diags(scale) @ together @ sp.diags(scale)).tocsr()
+        return self
+
+    def recommend(self, users: Sequence[str], k: int) -> Dict[str, List[str]]:
+        _check_k(k)
+        known = [user for user in dict.fromkeys(users) if user in self.user_index]
+        chosen: Dict[str, List[str]] = {}
+        for start in range(0, len(known), self.chunk_size):
+            chunk = known[start:start + self.chunk_size]
+            rows = np.array([self.user_index[user] for user in chunk])
+            scores = (self.liked[rows] @ self.similarity).toarray()
+            # Equal sums come out a few ulps apart depending on the order of their terms; rounded, they tie
+            # and break by item id.
+            np.round(scores, 9, out=scores)
+            seen = self.seen[rows].tocoo()
+            scores[seen.row, seen.col] = 0.0  # seen items score 0, which is never ranked
+            for user, cols in zip(chunk, _top_positive(scores, k)):
+                chosen[user] = self.item_ids[cols].tolist()
+        return {user: self.popularity.complete(user, chosen.get(user, []), k) for user in users}
