@@ -34,6 +34,7 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils, standard_artifacts
 from tfx.utils import io_utils
 
+from components import live_ranking
 from components.deployment import DeploymentState
 from models import features as F
 from models import export
@@ -79,42 +80,70 @@ def example_patterns(examples: types.Artifact) -> List[str]:
             for split in artifact_utils.decode_split_names(examples.split_names)]
 
 
-def server_scorer(client, model_name: str, label: str, categorical, numeric):
-    """Click probabilities from gRPC Predict on a version label, with the raw features a client sends."""
+def server_scorer(client, model_name: str, label: str, categorical, numeric, ids_only: bool = True):
+    """Click probabilities from gRPC Predict on a version label. With `ids_only`, the request carries only
+    the ids and the version looks the features up in its snapshot, as a client calling with ids alone gets
+    them; a version without a snapshot (pushed before there was one) is sent the logged features."""
+    import grpc
+
+    logged = {"on": not ids_only}
+
     def score(records: List[bytes]) -> np.ndarray:
+        if not logged["on"]:
+            users, items, _ = export.ids_and_labels(records)
+            try:
+                out = client.predict(model_name, {F.USER_ID: users, F.ITEM_ID: items}, label=label)
+                return np.asarray(out["probability"]).ravel()
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                logged["on"] = True
         inputs = export.serving_inputs(records, categorical, numeric)
         return np.asarray(client.predict(model_name, inputs, label=label)["probability"]).ravel()
     return score
 
 
-def saved_model_scorer(path: str):
-    regress = tf.saved_model.load(path).signatures["regress"]
+def saved_model_scorer(path: str, ids_only: bool = True):
+    signatures = tf.saved_model.load(path).signatures
+    if ids_only and "recommend" in signatures:  # a version with a feature snapshot
+        def score(records):
+            users, items, _ = export.ids_and_labels(records)
+            out = export.call_signature(signatures["serving_default"], user_id=tf.constant(users),
+                                        item_id=tf.constant(items))
+            return out["probability"].numpy().ravel()
+        return score
+    regress = signatures["regress"]
     return lambda records: regress(inputs=tf.constant(records))["outputs"].numpy().ravel()
 
 
 def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[str], client=None, categorical=(),
-                numeric=(), max_rows: Optional[int] = None, seed: int = 0):
-    """(report, labels, {name: scores}): the AUC on the span of each (name, server label, version), scored
-    batch by batch as the records stream past.
+                numeric=(), max_rows: Optional[int] = None, seed: int = 0,
+                positives: Optional[live_ranking.PositiveSample] = None):
+    """(report, labels, {name: scores}): the AUC on the span of each (name, server label, version[, ids_only]),
+    scored batch by batch as the records stream past.
 
-    Only labels and scores (numbers) are kept, never the span's examples. A
-    span of more than `max_rows` rows is measured on a uniform sample of about
-    that many, drawn with `seed` (the span), so a rerun measures the same rows.
+    Only labels and scores (numbers) are kept, never the span's examples (and,
+    with `positives`, the positives of a bounded sample of users). A span of
+    more than `max_rows` rows is measured on a uniform sample of about that
+    many, drawn with `seed` (the span), so a rerun measures the same rows.
     """
     out: Dict[str, Optional[float]] = {"measured_by": "server" if client is not None else "saved_model"}
     scorers = {}
-    for name, label, version in versions:
+    for name, label, version, *mode in versions:
+        ids_only = mode[0] if mode else True
         path = state.version_dir(version)
         out[name] = None
         if path is not None:
-            scorers[name] = (server_scorer(client, state.model_name, label, categorical, numeric)
-                             if client is not None else saved_model_scorer(path))
+            scorers[name] = (server_scorer(client, state.model_name, label, categorical, numeric, ids_only)
+                             if client is not None else saved_model_scorer(path, ids_only))
     labels, scores = [], {name: [] for name in scorers}
     rows = 0
     span_rows = count_records(patterns) if max_rows else 0
     keep = min(1.0, max_rows / span_rows) if span_rows else 1.0
     rng = np.random.default_rng(seed)
     for batch in iter_record_batches(patterns, LIVE_BATCH):
+        if positives is not None:
+            positives.add(*export.ids_and_labels(batch))
         if keep < 1.0:
             batch = [batch[i] for i in np.flatnonzero(rng.random(len(batch)) < keep)]
             if not batch:
@@ -130,6 +159,25 @@ def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[st
     out["examples"] = rows
     out["sampled"] = keep < 1.0
     return out, all_labels, all_scores
+
+
+def live_ranking_of(state: DeploymentState, version: int, label: str, client,
+                    positives: live_ranking.PositiveSample) -> Optional[dict]:
+    """Top-K metrics of `recommend` of the serving version on span N's positives (None: it has no recommend)."""
+    import grpc
+
+    if client is not None:
+        recommend = live_ranking.server_recommender(client, state.model_name, label)
+    else:
+        recommend = live_ranking.saved_model_recommender(state.version_dir(version))
+        if recommend is None:
+            return None
+    try:
+        return live_ranking.evaluate(recommend, positives)
+    except grpc.RpcError as e:
+        if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+            return None  # a version pushed before `recommend` existed
+        raise
 
 
 def rollback_test(labels: np.ndarray, stable_scores: np.ndarray, previous_scores: np.ndarray,
@@ -196,13 +244,20 @@ def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollbac
         return report
     categorical, numeric = F.split_columns(tfdv.load_schema_text(schema_path))
     client = reachable_client(state.serving_address) if state.serving_address else None
+    # The serving version once more with the features the log carries: how far ids-only lookups fall behind.
+    serving_label = versions[0][1]
+    versions = versions + [("live_auc_logged_features", serving_label, serving, False)]
+    positives = live_ranking.PositiveSample()
     try:
         measured, labels, scores = live_scores(state, versions, example_patterns(examples), client, categorical,
-                                               numeric, max_live_rows, seed=span)
+                                               numeric, max_live_rows, seed=span, positives=positives)
         report.update(measured)
+        report["ranking"] = live_ranking_of(state, serving, serving_label, client, positives)
     finally:
         if client is not None:
             client.close()
+    if report["live_auc"] is not None and report["live_auc_logged_features"] is not None:
+        report["feature_lookup_gap"] = report["live_auc_logged_features"] - report["live_auc"]
     report.update(serving_version=serving, previous_version=before)
     live, previous_auc = report["live_auc"], report["previous_auc"]
     if "live_auc" in scores and "previous_auc" in scores:

@@ -12,14 +12,17 @@ they score an interaction identically.
 """
 from __future__ import annotations
 
+import keyword
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_recommenders as tfrs
 
 from models import features as F
-from models import ranking_model
+from models import ranking_model, retrieval_model
+from models.snapshot_lookup import SnapshotLookup
 from models.warm_start import WEIGHTS_ATTRIBUTE
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -27,49 +30,191 @@ SCORE_BATCH = 2048
 WARMUP_EXAMPLES = 4
 
 
+MAX_K = 1000  # the most items one recommend row may ask for (requests are bounded)
+DEFAULT_K = 10
+RECOMMEND_CANDIDATES = 200  # retrieved per user for the ranking model to order
+
+
+def signature_function(body, required: List[tf.TensorSpec], optional: List[Tuple[tf.TensorSpec, tf.Tensor]]):
+    """A tf.function of named tensor inputs, the optional ones with default values.
+
+    `tf.saved_model.save` records the defaults in the SignatureDef, and TF
+    Serving's Predict fills an input a request leaves out from them. Python
+    needs real parameter names for that, so the function is written out.
+    """
+    names = [s.name for s in required] + [s.name for s, _ in optional]
+    bad = [n for n in names if not n.isidentifier() or keyword.iskeyword(n)]
+    if bad:
+        raise ValueError(f"feature names {bad} cannot be signature inputs: use letters, digits and _")
+    params = names[:len(required)] + [f"{n}=_defaults[{i}]" for i, n in enumerate(names[len(required):])]
+    source = (f"def signature({', '.join(params)}):\n"
+              f"    return _body(dict({', '.join(f'{n}={n}' for n in names)}))\n")
+    scope = {"_body": body, "_defaults": [d for _, d in optional]}
+    exec(source, scope)  # noqa: S102 - names checked above; nothing user-supplied is executed
+    return tf.function(scope["signature"], input_signature=required + [s for s, _ in optional], autograph=False)
+
+
 class ExportModule(tf.Module):
-    def __init__(self, model, tft_layer, raw_feature_spec, categorical: List[str], numeric: List[str]):
+    def __init__(self, model, tft_layer, raw_feature_spec, categorical: List[str], numeric: List[str],
+                 retrieval=None, lookup: Optional[SnapshotLookup] = None, owners: Optional[Dict[str, str]] = None):
         super().__init__()
         # The Keras model stays out of the saved object graph (a bound method is not tracked):
         # tracking it makes the save trace every layer for Keras' own loader, ~2 s per export
         # that nothing here reads. Its weights are saved through WEIGHTS_ATTRIBUTE, by name.
         self._logits = model.__call__
         self.tft_layer = tft_layer
-        setattr(self, WEIGHTS_ATTRIBUTE, ranking_model.weights_by_name(model))
+        weights = ranking_model.weights_by_name(model)
+        if retrieval is not None:
+            weights.update(retrieval_model.weights_by_name(retrieval))
+        setattr(self, WEIGHTS_ATTRIBUTE, weights)
         self._categorical = list(categorical)
         self._numeric = list(numeric)
         # Clients do not send the label or the timestamp.
         self._request_spec = {k: v for k, v in raw_feature_spec.items() if k not in F.NON_FEATURES}
+        self.lookup = lookup
+        self._owners = dict(owners or {})
+        self.index = None
+        if retrieval is not None and lookup is not None and lookup.items.size:
+            self._query = retrieval.query
+            self.index = tfrs.layers.factorized_top_k.BruteForce(name="retrieval_index")
+            self.index.index(self._catalog_embeddings(retrieval), tf.range(lookup.items.size, dtype=tf.int64))
 
-    def _score_raw(self, raw: Dict[str, tf.Tensor]) -> tf.Tensor:
+    # --- scoring ---
+
+    def _transform(self, raw: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         batch = tf.shape(raw[F.USER_ID], out_type=tf.int64)[0]
         raw = dict(raw)
         raw[F.LABEL] = tf.zeros([batch, 1], tf.int64)
         raw[F.TIMESTAMP] = tf.zeros([batch, 1], tf.int64)
         transformed = self.tft_layer(raw)
         transformed.pop(F.LABEL, None)
-        return tf.sigmoid(self._logits(transformed))
+        return transformed
 
-    def _parse(self, serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
-        return tf.io.parse_example(serialized, self._request_spec)
+    def _score_raw(self, raw: Dict[str, tf.Tensor]) -> tf.Tensor:
+        return tf.sigmoid(self._logits(self._transform(raw)))
+
+    def _raw_from_client(self, values: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """Client-form values (one per row: ids, `|`-joined categoricals, floats with NaN) -> raw features."""
+        raw = {f: tf.reshape(values[f], [-1, 1]) for f in F.ID_FEATURES}
+        for f in self._categorical:
+            parts = tf.strings.strip(tf.strings.split(values[f], F.MULTI_VALUE_SEPARATOR))
+            raw[f] = tf.ragged.boolean_mask(parts, parts != "").to_sparse()
+        for f in self._numeric:
+            present = tf.logical_not(tf.math.is_nan(values[f]))
+            raw[f] = tf.RaggedTensor.from_row_lengths(
+                tf.boolean_mask(values[f], present), tf.cast(present, tf.int64)).to_sparse()
+        return raw
+
+    def _empty(self, feature: str, rows: tf.Tensor) -> tf.Tensor:
+        """No value, for each of `rows` rows."""
+        if feature in self._categorical:
+            return tf.fill([rows], "")
+        return tf.fill([rows], float("nan"))
+
+    def _with_given(self, feature: str, given: tf.Tensor, fallback: tf.Tensor) -> tf.Tensor:
+        """The request's values where it sent one per row; the snapshot's where it sent none."""
+        rows = tf.shape(fallback)[0]
+
+        def sent():
+            check = tf.debugging.assert_equal(
+                tf.shape(given)[0], rows, message=f"{feature}: send one value per row, or none")
+            with tf.control_dependencies([check]):
+                return tf.identity(given)
+
+        return tf.cond(tf.size(given) > 0, sent, lambda: fallback)
+
+    def _looked_up(self, users: tf.Tensor, items: tf.Tensor) -> Dict[str, tf.Tensor]:
+        rows = tf.shape(users)[0]
+        if self.lookup is None:
+            return {f: self._empty(f, rows) for f in self._categorical + self._numeric}
+        found = dict(self.lookup.users.gather(self.lookup.users.rows(users)))
+        found.update(self.lookup.items.gather(self.lookup.items.rows(items)))
+        return {f: found[f] if f in found else self._empty(f, rows) for f in self._categorical + self._numeric}
+
+    def _catalog_embeddings(self, retrieval) -> tf.Tensor:
+        ids = self.lookup.item_ids
+        chunks = []
+        for start in range(0, self.lookup.items.size, SCORE_BATCH):
+            items = ids[start:start + SCORE_BATCH]
+            users = tf.fill(tf.shape(items), "")
+            values = dict(self._looked_up(users, items), **{F.USER_ID: users, F.ITEM_ID: items})
+            index = self._transform(self._raw_from_client(values))[F.index_name(F.ITEM_ID)]
+            chunks.append(retrieval.candidates(index))
+        return tf.concat(chunks, axis=0)
+
+    # --- signatures ---
+
+    def _feature_specs(self, names: List[str]) -> List[Tuple[tf.TensorSpec, tf.Tensor]]:
+        """Optional inputs for side features: empty by default, which means "use the snapshot"."""
+        out = []
+        for f in names:
+            dtype = tf.string if f in self._categorical else tf.float32
+            out.append((tf.TensorSpec([None], dtype, f), tf.constant([], dtype)))
+        return out
+
+    def _serving_default(self, inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        users, items = inputs[F.USER_ID], inputs[F.ITEM_ID]
+        values = self._looked_up(users, items)
+        for f in self._categorical + self._numeric:
+            values[f] = self._with_given(f, inputs[f], values[f])
+        values.update({F.USER_ID: users, F.ITEM_ID: items})
+        return {"probability": self._score_raw(self._raw_from_client(values))}
+
+    def _recommend(self, inputs: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """Top k items for each user: retrieval narrows the catalog, the ranking model orders the rest."""
+        users = inputs[F.USER_ID]
+        batch = tf.shape(users)[0]
+        k = tf.broadcast_to(inputs["k"], [batch])
+        exclude = tf.broadcast_to(inputs["exclude_seen"], [batch])
+        checks = [tf.debugging.assert_greater_equal(k, 1, message="k must be at least 1"),
+                  tf.debugging.assert_less_equal(k, MAX_K, message=f"k must be at most {MAX_K}")]
+        with tf.control_dependencies(checks):
+            k_max = tf.cast(tf.reduce_max(tf.concat([k, [1]], 0)), tf.int64)
+        lookup = self.lookup
+        catalog = tf.constant(lookup.items.size, tf.int64)
+
+        # The user's own features: snapshot, overridden by what the request sent.
+        user_rows = lookup.users.rows(users)
+        user_values = self._looked_up(users, tf.fill([batch], ""))
+        user_values = {f: v for f, v in user_values.items() if self._owners.get(f) != "item"}
+        for f in list(user_values):
+            if f in inputs:
+                user_values[f] = self._with_given(f, inputs[f], user_values[f])
+
+        # Retrieval over the whole catalog, seen items pushed to the bottom.
+        query = self._query(self._transform(self._raw_from_client(dict(
+            self._looked_up(users, tf.fill([batch], "")), **user_values,
+            **{F.USER_ID: users, F.ITEM_ID: tf.fill([batch], "")})))[F.index_name(F.USER_ID)])
+        seen = lookup.seen(tf.where(exclude, user_rows, -tf.ones_like(user_rows)))
+        seen_dense = seen.to_tensor(default_value=-1)
+        wanted = tf.minimum(tf.maximum(k_max, RECOMMEND_CANDIDATES), catalog)
+        fetched = tf.minimum(wanted + tf.shape(seen_dense, out_type=tf.int64)[1], catalog)
+        scores, rows = self.index(query, k=tf.cast(fetched, tf.int32))
+        excluded = tf.reduce_any(tf.equal(tf.expand_dims(rows, -1), tf.expand_dims(seen_dense, 1)), -1)
+        _, keep = tf.math.top_k(tf.where(excluded, -1e30, scores), k=tf.cast(wanted, tf.int32))
+        candidates = tf.gather(rows, keep, batch_dims=1)  # [batch, wanted]
+        valid = tf.logical_not(tf.gather(excluded, keep, batch_dims=1))
+
+        # Ranking of each user's candidates.
+        per_user = tf.shape(candidates)[1]
+        flat_items = tf.gather(lookup.item_ids, tf.reshape(candidates, [-1]))
+        flat_users = tf.repeat(users, per_user)
+        values = self._looked_up(flat_users, flat_items)
+        values.update({f: tf.repeat(v, per_user) for f, v in user_values.items()})
+        values.update({F.USER_ID: flat_users, F.ITEM_ID: flat_items})
+        ranked = tf.reshape(self._score_raw(self._raw_from_client(values)), [batch, per_user])
+        ranked = tf.where(valid, ranked, -1.0)
+        top, order = tf.math.top_k(ranked, k=tf.cast(tf.minimum(k_max, tf.cast(per_user, tf.int64)), tf.int32))
+        ids = tf.gather(tf.gather(lookup.item_ids, candidates), order, batch_dims=1)
+        # Beyond a row's own k, or once the catalog runs out: no item.
+        position = tf.range(tf.shape(order, out_type=tf.int64)[1])
+        filled = tf.logical_and(position[tf.newaxis, :] < tf.expand_dims(tf.cast(k, tf.int64), 1), top >= 0.0)
+        return {"item_ids": tf.where(filled, ids, ""), "scores": tf.where(filled, top, 0.0)}
 
     def signatures(self) -> Dict[str, tf.types.experimental.ConcreteFunction]:
-        raw_specs = {F.USER_ID: tf.TensorSpec([None], tf.string, F.USER_ID),
-                     F.ITEM_ID: tf.TensorSpec([None], tf.string, F.ITEM_ID)}
-        raw_specs.update({f: tf.TensorSpec([None], tf.string, f) for f in self._categorical})
-        raw_specs.update({f: tf.TensorSpec([None], tf.float32, f) for f in self._numeric})
-
-        @tf.function(input_signature=[raw_specs], autograph=False)
-        def serving_default(inputs):
-            raw = {f: tf.reshape(inputs[f], [-1, 1]) for f in F.ID_FEATURES}
-            for f in self._categorical:
-                parts = tf.strings.strip(tf.strings.split(inputs[f], F.MULTI_VALUE_SEPARATOR))
-                raw[f] = tf.ragged.boolean_mask(parts, parts != "").to_sparse()
-            for f in self._numeric:
-                present = tf.logical_not(tf.math.is_nan(inputs[f]))
-                raw[f] = tf.RaggedTensor.from_row_lengths(
-                    tf.boolean_mask(inputs[f], present), tf.cast(present, tf.int64)).to_sparse()
-            return {"probability": self._score_raw(raw)}
+        ids = [tf.TensorSpec([None], tf.string, F.USER_ID), tf.TensorSpec([None], tf.string, F.ITEM_ID)]
+        features = self._categorical + self._numeric
+        serving_default = signature_function(self._serving_default, ids, self._feature_specs(features))
 
         example_spec = tf.TensorSpec([None], tf.string, "inputs")
 
@@ -91,13 +236,17 @@ class ExportModule(tf.Module):
             raw[F.TIMESTAMP] = tf.zeros([batch, 1], tf.int64)
             return {F.USER_IS_NEW: self.tft_layer(raw)[F.USER_IS_NEW]}
 
-        # serving_default takes a dict, so its concrete function is traced from the specs.
-        return {
-            "serving_default": serving_default.get_concrete_function(raw_specs),
-            "regress": regress,
-            "classify": classify,
-            "transform_features": transform_features,
-        }
+        out = {"serving_default": serving_default, "regress": regress, "classify": classify,
+               "transform_features": transform_features}
+        if self.index is not None:
+            knobs = [(tf.TensorSpec([None], tf.int32, "k"), tf.constant([DEFAULT_K], tf.int32)),
+                     (tf.TensorSpec([None], tf.bool, "exclude_seen"), tf.constant([True]))]
+            context = [f for f in features if self._owners.get(f) != "item"]
+            out["recommend"] = signature_function(self._recommend, ids[:1], knobs + self._feature_specs(context))
+        return out
+
+    def _parse(self, serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
+        return tf.io.parse_example(serialized, self._request_spec)
 
 
 def score_examples(saved_model_dir: str, records: List[bytes]) -> np.ndarray:
@@ -142,3 +291,22 @@ def write_warmup(saved_model_dir: str, examples: List[bytes], categorical: List[
     with tf.io.TFRecordWriter(path) as writer:
         log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
         writer.write(log.SerializeToString())
+
+
+def call_signature(signature, **given):
+    """Calls a loaded signature with the inputs given; an optional side-feature input left out is sent empty
+    (the snapshot's value), as TF Serving fills it from the signature's defaults."""
+    specs = signature.structured_input_signature[1]
+    inputs = dict(given)
+    for name, spec in specs.items():
+        if name not in inputs:
+            inputs[name] = tf.zeros([0], spec.dtype)
+    return signature(**inputs)
+
+
+def ids_and_labels(examples: List[bytes]):
+    """(user_id, item_id, label) numpy arrays of serialized tf.Examples."""
+    spec = {F.USER_ID: tf.io.FixedLenFeature([], tf.string), F.ITEM_ID: tf.io.FixedLenFeature([], tf.string),
+            F.LABEL: tf.io.FixedLenFeature([], tf.int64)}
+    parsed = tf.io.parse_example(tf.constant(examples, tf.string), spec)
+    return parsed[F.USER_ID].numpy(), parsed[F.ITEM_ID].numpy(), parsed[F.LABEL].numpy()

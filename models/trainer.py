@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -21,7 +22,9 @@ from tfx.components.trainer.fn_args_utils import FnArgs  # noqa: E402
 from tfx.utils import io_utils  # noqa: E402
 from tensorflow_metadata.proto.v0 import schema_pb2  # noqa: E402
 
-from models import catch_up, export, features as F, ranking_model, replay, spans, warm_start  # noqa: E402
+from models import catch_up, export, features as F, ranking_model, replay, retrieval_model, spans, warm_start  # noqa: E402
+from models.feature_snapshot import FeatureSnapshot, owner_of, side_table_columns  # noqa: E402
+from models.snapshot_lookup import SnapshotLookup  # noqa: E402
 from models.records import count_records, iter_record_batches, record_dataset  # noqa: E402
 from models.preprocessing import vocabulary_assets  # noqa: E402
 from models.training import TrainingRun, TrainingSettings  # noqa: E402
@@ -130,17 +133,19 @@ def _split_into(batch_size: int):
     return split
 
 
-def train_step(model: ranking_model.RankingModel, element_spec) -> Any:
+def train_step(model: ranking_model.RankingModel, element_spec, retrieval=None) -> Any:
     """One optimisation step on a (features, labels[, sample_weight]) batch, minimising the model's
-    compute_loss (the TFRS Ranking task's loss, which also updates the task's metrics); returns that loss.
+    compute_loss (the TFRS Ranking task's loss, which also updates the task's metrics) plus, with a
+    retrieval model, its Retrieval task's loss on the same batch; returns the ranking loss.
 
     Traced once per model: the optimizer's slots exist before tracing, the
     signature is the dataset's (batch and sparse dimensions free, so a batch
     whose sparse features are wider does not retrace), and autograph is off
     (nothing here branches on tensors; converting Keras' layer code costs
-    about a second).
+    about a second). The two models share no weights, so the retrieval loss
+    does not change what the ranking model learns.
     """
-    variables = model.trainable_variables
+    variables = model.trainable_variables + (retrieval.trainable_variables if retrieval is not None else [])
     optimizer = model.optimizer
     optimizer.build(variables)
 
@@ -149,6 +154,8 @@ def train_step(model: ranking_model.RankingModel, element_spec) -> Any:
         with tf.GradientTape() as tape:
             loss = model.compute_loss(batch, training=True)
             total = loss + tf.add_n(model.losses) if model.losses else loss
+            if retrieval is not None:
+                total += retrieval.compute_loss(batch, training=True)
         optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
         return loss
 
@@ -163,7 +170,8 @@ def _epoch_scores(model: ranking_model.RankingModel, losses: List[Any], rows: Li
     return dict({"loss": loss}, **model.task_metrics())
 
 
-def fit(model: ranking_model.RankingModel, dataset: tf.data.Dataset, epochs: int) -> Dict[str, List[float]]:
+def fit(model: ranking_model.RankingModel, dataset: tf.data.Dataset, epochs: int,
+        retrieval=None) -> Dict[str, List[float]]:
     """Trains for `epochs` passes; returns each epoch's training loss and the task's metrics (AUC).
 
     A span's training is a few hundred cheap steps, so per-model set-up is most
@@ -171,7 +179,7 @@ def fit(model: ranking_model.RankingModel, dataset: tf.data.Dataset, epochs: int
     took ~1.5 s per span against ~0.2 s of optimisation. Losses are read once per
     epoch, so steps are not made to wait on each other.
     """
-    step = train_step(model, dataset.element_spec)
+    step = train_step(model, dataset.element_spec, retrieval)
     history: Dict[str, List[float]] = {}
     for _ in range(epochs):
         model.reset_task_metrics()
@@ -257,13 +265,17 @@ def run_fn(fn_args: FnArgs) -> None:
 
     model = ranking_model.build(spec, settings.learning_rate, settings.optimizer)
     plain = make_transform(tft_layer, raw_spec)
-    model(plain(tf.constant(next(iter_record_batches(fn_args.train_files, 2))))[0])  # create the weights
+    first = plain(tf.constant(next(iter_record_batches(fn_args.train_files, 2))))[0]
+    model(first)  # create the weights
+    retrieval = retrieval_model.build(spec.vocab_rows, settings.embedding_dim)
+    retrieval(first)
+    weights = dict(ranking_model.weights_by_name(model), **retrieval_model.weights_by_name(retrieval))
 
     base = fn_args.base_model if run.mode == "incremental" else None
     warm_report = {}
     teacher = None
     if base and warm_start.has_saved_model(base):
-        warm_report = warm_start.copy_into(ranking_model.weights_by_name(model), warm_start.load_weights(base))
+        warm_report = warm_start.copy_into(weights, warm_start.load_weights(base))
         logging.info("warm start from %s: %s", base, warm_report)
         if settings.distillation_weight > 0:
             teacher = tf.saved_model.load(base).signatures["regress"]
@@ -282,7 +294,7 @@ def run_fn(fn_args: FnArgs) -> None:
                             replayed=replayed, records_in_files=span_examples + caught_up_examples)
     eval_ds = make_dataset(fn_args.eval_files, plain, TRANSFORM_BATCH) if has_eval else None
     fit_started = time.time()
-    history = fit(model, train_ds, settings.epochs)
+    history = fit(model, train_ds, settings.epochs, retrieval)
     train_seconds = time.time() - fit_started
     phases.done("fit")
     # Validation and curves come after training, outside the measured train seconds.
@@ -291,8 +303,20 @@ def run_fn(fn_args: FnArgs) -> None:
     phases.done("validate")
 
     categorical, numeric = spec.categorical, spec.numeric
-    module = export.ExportModule(model, tft_layer, raw_spec, categorical, numeric)
-    tf.saved_model.save(module, fn_args.serving_model_dir, signatures=module.signatures())
+    side_columns = side_table_columns(run.data_dir)
+    # Incremental: the newest earlier snapshot plus this span. Full: every span's files are here.
+    snapshot = (FeatureSnapshot.before(run.features_dir, span, categorical, numeric, side_columns)
+                if run.mode == "incremental" else FeatureSnapshot(categorical, numeric, side_columns))
+    snapshot.absorb(iter_record_batches(list(fn_args.train_files) + list(fn_args.eval_files), TRANSFORM_BATCH))
+    snapshot.end_span(span)
+    phases.done("feature_snapshot")
+
+    with tempfile.TemporaryDirectory() as assets:
+        lookup = SnapshotLookup(snapshot, assets)
+        owners = {f: owner_of(f, side_columns) for f in categorical + numeric}
+        module = export.ExportModule(model, tft_layer, raw_spec, categorical, numeric, retrieval, lookup, owners)
+        tf.saved_model.save(module, fn_args.serving_model_dir, signatures=module.signatures())
+    snapshot.save(run.features_dir, span)
     warmup = next(iter_record_batches(fn_args.eval_files if has_eval else fn_args.train_files, export.WARMUP_EXAMPLES))
     export.write_warmup(fn_args.serving_model_dir, warmup, categorical, numeric)
     phases.done("export")

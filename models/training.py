@@ -186,6 +186,7 @@ RUN_RULES: Dict[str, Rule] = {
     "data_dir": PATH,
     "replay_dir": PATH,
     "tensorboard_dir": PATH,
+    "features_dir": PATH,
 }
 
 
@@ -199,6 +200,7 @@ class TrainingRun:
     data_dir: str
     replay_dir: str  # per-span reservoir snapshots (docs/ARCHITECTURE.md, "Deployment state")
     tensorboard_dir: str
+    features_dir: str  # per-span feature snapshots a version looks ids up in (models/feature_snapshot.py)
 
     def __post_init__(self):
         if type(self.settings) is not TrainingSettings:

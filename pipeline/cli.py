@@ -95,6 +95,13 @@ positive_int = _at_least(1, "an integer >= 1")
 version_number = _at_least(0, "a version number >= 0")
 
 
+def top_k(text: str) -> int:
+    value = _at_least(1, "an integer from 1 to 1000")(text)
+    if value > 1000:  # models.export.MAX_K: the signature refuses more
+        raise argparse.ArgumentTypeError(f"must be an integer from 1 to 1000, got {value}")
+    return value
+
+
 def path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must be a non-empty path")
@@ -299,6 +306,17 @@ def run_spans(config, spans: List[int], show_progress: bool = True, verbose: boo
     return records
 
 
+RANKING_SHOWN = ("precision@10", "recall@10", "ndcg@10", "recall@50", "ndcg@50")
+
+
+def ranking_text(record: Dict[str, Any]) -> str:
+    ranking = record.get("ranking") or {}
+    if not ranking.get("users"):
+        return ""
+    return (f"top-K of the serving version on {ranking['users']} users' span positives: "
+            + ", ".join(f"{m} {_fmt(ranking.get(m))}" for m in RANKING_SHOWN))
+
+
 def backfill_report(mode: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
     fields = ("span", "live_auc", "previous_auc", "candidate_auc", "baseline_auc", "blessed", "pushed_version",
               "rolled_back", "serving_version", "examples_trained", "train_seconds", "run_seconds")
@@ -307,8 +325,14 @@ def backfill_report(mode: str, records: List[Dict[str, Any]]) -> Dict[str, Any]:
         span["status"] = record.get("status", "ok")
         if record.get("error"):
             span["error"] = record["error"]
+        if record.get("ranking"):
+            span["ranking"] = record["ranking"]
     live = [s["live_auc"] for s in spans if s["live_auc"] is not None]
-    return {"mode": mode, "spans": spans, "mean_live_auc": sum(live) / len(live) if live else None}
+    out = {"mode": mode, "spans": spans, "mean_live_auc": sum(live) / len(live) if live else None}
+    for metric in RANKING_SHOWN:
+        values = [s["ranking"][metric] for s in spans if (s.get("ranking") or {}).get(metric) is not None]
+        out[f"mean_live_{metric}"] = sum(values) / len(values) if values else None
+    return out
 
 
 # --- commands ---
@@ -400,6 +424,9 @@ def cmd_backfill(args) -> int:
             json.dump(report, f, indent=2)
         print(f"report written to {args.report}")
     print(f"mean live AUC over spans {first}-{last}: {_fmt(report['mean_live_auc'])}")
+    if report.get("mean_live_recall@10") is not None:
+        print(f"mean live recall@10 {_fmt(report['mean_live_recall@10'])}, "
+              f"NDCG@10 {_fmt(report['mean_live_ndcg@10'])} (top 10 of `recommend` against each span's positives)")
     return EXIT_OK if all(r.get("status") == "ok" for r in records) else EXIT_FAILED
 
 
@@ -583,6 +610,9 @@ def cmd_status(args) -> int:
         print("last decisions:")
         for r in history:
             print("  " + span_line(r))
+        ranked = [r for r in history if ranking_text(r)]
+        if ranked:
+            print(f"span {ranked[-1]['span']}: {ranking_text(ranked[-1])}")
     return 0
 
 
@@ -691,32 +721,63 @@ def cmd_down(args) -> int:
 
 def cmd_predict(args) -> int:
     from pipeline import preflight
-    from pipeline.config import ConfigError, check_value
 
     preflight.work_dir_present(args.work)
     loaded = load_config(args)
     config = loaded.config
     if args.data:
         preflight.data_dir_present(config.data_dir)
-    if args.address is not None:
-        try:
-            check_value("serving_address", args.address)
-        except ConfigError as e:
-            raise ConfigError(f"--address {e.problem}") from None
     for note in loaded.notes:
         _note(note)
     from pipeline import serving_ops
-    from serving.client import ServingClient
 
+    client = _serving_client(args, config)
     inputs = serving_ops.inputs_for(config, [(args.user, item) for item in args.item])
-    client = ServingClient(args.address or config.serving_address)
-    if not client.is_reachable(wait=3):
-        raise RuntimeError(f"no server at {args.address or config.serving_address}; start one with `increc up`")
     version = None if args.version is None else args.version
     label = None if version is not None else args.label
     scores = client.predict(config.model_name, inputs, version=version, label=label)["probability"]
     for item, score in zip(args.item, scores):
         print(f"user {args.user} item {item}: {float(score):.6f}")
+    return 0
+
+
+def _serving_client(args, config):
+    from pipeline.config import ConfigError, check_value
+    from serving.client import ServingClient
+
+    if args.address is not None:
+        try:
+            check_value("serving_address", args.address)
+        except ConfigError as e:
+            raise ConfigError(f"--address {e.problem}") from None
+    client = ServingClient(args.address or config.serving_address)
+    if not client.is_reachable(wait=3):
+        raise RuntimeError(f"no server at {args.address or config.serving_address}; start one with `increc up`")
+    return client
+
+
+def cmd_recommend(args) -> int:
+    """The top k items for a user, from the `recommend` signature over gRPC: ids only."""
+    import numpy as np
+
+    from pipeline import preflight
+
+    preflight.work_dir_present(args.work)
+    loaded = load_config(args)
+    for note in loaded.notes:
+        _note(note)
+    client = _serving_client(args, loaded.config)
+    inputs = {"user_id": np.array([args.user.encode()], dtype=object), "k": np.array([args.k], np.int32),
+              "exclude_seen": np.array([not args.include_seen])}
+    label = None if args.version is not None else args.label
+    out = client.predict(loaded.config.model_name, inputs, version=args.version, label=label,
+                         signature="recommend")
+    client.close()
+    shown = [(i.decode(), float(s)) for i, s in zip(out["item_ids"][0], out["scores"][0]) if i]
+    if not shown:
+        print(f"user {args.user}: no items to recommend")
+    for rank, (item, score) in enumerate(shown, 1):
+        print(f"{rank:>3}. item {item}  {score:.6f}")
     return 0
 
 
@@ -843,6 +904,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=version_number)
     p.add_argument("--address", help="gRPC address (default: the config's serving_address)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("recommend", help="the top k items for a user over gRPC (ids only)")
+    work_args(p, data=False)
+    p.add_argument("--user", required=True)
+    p.add_argument("-k", type=top_k, default=10, help="how many items (1-1000, default 10)")
+    p.add_argument("--include-seen", action="store_true", dest="include_seen",
+                   help="also recommend items the user already interacted with")
+    p.add_argument("--label", default="stable")
+    p.add_argument("--version", type=version_number)
+    p.add_argument("--address", help="gRPC address (default: the config's serving_address)")
+    p.set_defaults(func=cmd_recommend)
 
     sub.add_parser("serve", help="TF-Serving-compatible model server (takes tensorflow_model_server flags)",
                    add_help=False)

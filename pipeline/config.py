@@ -131,6 +131,10 @@ class IncrecConfig(TrainingSettings):
     def replay_dir(self) -> str:
         return os.path.join(self.work_dir, "replay")
 
+    @property
+    def features_dir(self) -> str:
+        return os.path.join(self.work_dir, "features")
+
     def pipeline_name(self) -> str:
         return f"increc-{self.model_name}"
 
@@ -145,7 +149,8 @@ class IncrecConfig(TrainingSettings):
     def training_run(self, span: Optional[int]) -> TrainingRun:
         """What the Trainer is told for `span` (None: the newest in data_dir), as its custom_config."""
         return TrainingRun(settings=self.training_settings(), mode=self.mode, span=span, data_dir=self.data_dir,
-                           replay_dir=self.replay_dir, tensorboard_dir=self.tensorboard_dir)
+                           replay_dir=self.replay_dir, tensorboard_dir=self.tensorboard_dir,
+                           features_dir=self.features_dir)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -168,6 +168,9 @@ def collect(config: IncrecConfig, span: int, started: float) -> Dict[str, Any]:
                           restored_version=report["restored_version"])
         if report.get("rollback_test") is not None:
             record["rollback_test"] = report["rollback_test"]
+        for key in ("live_auc_logged_features", "feature_lookup_gap", "ranking"):
+            if report.get(key) is not None:
+                record[key] = report[key]
 
     model = get(("Trainer", "model"))
     summary = _artifact_json(model, SUMMARY_FILE)

@@ -93,6 +93,9 @@ def stop(config) -> bool:
     return True
 
 
+F_USER, F_ITEM = "user_id", "item_id"
+
+
 def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
     """serving_default inputs for (user_id, item_id) pairs: side features joined from the data directory,
     history features as they stand after its last interaction."""
@@ -143,37 +146,57 @@ def newest_pairs(config, rows: int = 1) -> List[tuple]:
     return pairs[-rows:]
 
 
-def rest_body(inputs: Dict[str, np.ndarray]) -> dict:
-    def plain(v):
-        if isinstance(v, bytes):
-            return v.decode()
-        return None if isinstance(v, float) and np.isnan(v) else float(v)
-
-    rows = [{k: plain(v[i]) for k, v in inputs.items()} for i in range(len(inputs["user_id"]))]
-    # NaN is how a missing number is sent; JSON clients may write NaN literally.
-    return {"instances": [{k: (float("nan") if v is None else v) for k, v in row.items()} for row in rows]}
+def ids_only_body(inputs: Dict[str, np.ndarray], signature: str = "serving_default", **knobs) -> dict:
+    """A columnar REST body with the ids and every optional feature input sent empty (looked up by the model):
+    TF Serving's REST API wants every input named."""
+    body = {F_USER: [inputs[F_USER][0].decode()]}
+    if signature == "serving_default":
+        body[F_ITEM] = [inputs[F_ITEM][0].decode()]
+    body.update({k: [v] for k, v in knobs.items()})
+    features = [k for k in inputs if k not in (F_USER, F_ITEM)]
+    body.update({k: [] for k in features})
+    out = {"inputs": body}
+    if signature != "serving_default":
+        out["signature_name"] = signature
+    return out
 
 
 def demo_queries(config, grpc_port: int, rest_port: int) -> List[str]:
-    """One REST and one gRPC prediction, plus the commands to make them by hand."""
+    """A REST and a gRPC prediction and recommendation, with ids only, plus the commands to make them by hand."""
     from serving.client import ServingClient, rest_predict
 
     inputs = inputs_for(config, newest_pairs(config))
-    body = rest_body(inputs)
-    rest = rest_predict(f"http://127.0.0.1:{rest_port}", config.model_name, body, label="stable")
+    user = inputs[F_USER][0].decode()
+    score_body = ids_only_body(inputs)
+    rest = rest_predict(f"http://127.0.0.1:{rest_port}", config.model_name, score_body, label="stable")
     client = ServingClient(f"127.0.0.1:{grpc_port}")
-    grpc_answer = client.predict(config.model_name, inputs, label="stable")
+    grpc_answer = client.predict(config.model_name, {F_USER: inputs[F_USER], F_ITEM: inputs[F_ITEM]}, label="stable")
+    try:
+        top = client.predict(config.model_name, {F_USER: inputs[F_USER]}, label="stable", signature="recommend")
+        top_items = ", ".join(i.decode() for i in top["item_ids"][0] if i)
+    except Exception as e:  # a version pushed before `recommend` existed
+        top_items = f"(no recommend signature: {e})"
     client.close()
-    body_text = json.dumps(body)
+    # The user's own features (and request context) are optional inputs of recommend too; item features are not.
+    from models.feature_snapshot import owner_of, side_table_columns
+
+    side = side_table_columns(config.data_dir)
+    recommend_body = ids_only_body({k: v for k, v in inputs.items() if owner_of(k, side) != "item"}, "recommend",
+                                   k=10, exclude_seen=True)
     return [
-        f"REST  stable: {json.dumps(rest)}",
-        f"gRPC  stable: probability={float(grpc_answer['probability'][0]):.6f}",
+        f"REST  stable, ids only: {json.dumps(rest)}",
+        f"gRPC  stable, ids only: probability={float(grpc_answer['probability'][0]):.6f}",
+        f"gRPC  stable, recommend for user {user}: {top_items}",
         "",
         "query it yourself:",
         f"  curl -s http://127.0.0.1:{rest_port}/v1/models/{config.model_name}",
-        f"  curl -s -X POST http://127.0.0.1:{rest_port}/v1/models/{config.model_name}/labels/stable:predict -d '{body_text}'",
-        f"  increc predict --work {config.work_dir} --user {inputs['user_id'][0].decode()} "
-        f"--item {inputs['item_id'][0].decode()}      # over gRPC",
+        f"  curl -s -X POST http://127.0.0.1:{rest_port}/v1/models/{config.model_name}/labels/stable:predict "
+        f"-d '{json.dumps(score_body)}'",
+        f"  curl -s -X POST http://127.0.0.1:{rest_port}/v1/models/{config.model_name}/labels/stable:predict "
+        f"-d '{json.dumps(recommend_body)}'",
+        f"  increc recommend --work {config.work_dir} --user {user} -k 10      # over gRPC",
+        f"  increc predict --work {config.work_dir} --user {user} "
+        f"--item {inputs[F_ITEM][0].decode()}      # over gRPC",
         f"  increc status --work {config.work_dir}",
         f"  increc down --work {config.work_dir}      # stop the server",
     ]

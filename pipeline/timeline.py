@@ -23,6 +23,9 @@ def record_span(tensorboard_dir: str, record: Dict[str, Any]) -> None:
         for key in ("live_auc", "previous_auc", "candidate_auc", "baseline_auc"):
             if record.get(key) is not None:
                 tf.summary.scalar(f"auc/{key}", record[key])
+        for key, value in (record.get("ranking") or {}).items():
+            if key != "users" and value is not None:
+                tf.summary.scalar(f"ranking/{key.replace('@', '_at_')}", value)
         gate = record.get("gate") or {}
         for key in ("difference", "lower", "upper", "p_value"):
             if gate.get(key) is not None:

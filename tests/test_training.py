@@ -11,7 +11,8 @@ from models.training import ConfigError, TrainingRun, TrainingSettings
 
 def a_run(**settings) -> TrainingRun:
     return TrainingRun(settings=TrainingSettings(**settings), mode="incremental", span=3, data_dir="/data",
-                       replay_dir="/deployment/replay", tensorboard_dir="/deployment/tensorboard")
+                       replay_dir="/deployment/replay", tensorboard_dir="/deployment/tensorboard",
+                       features_dir="/deployment/features")
 
 
 def test_a_training_run_round_trips_through_the_trainers_json_custom_config():
@@ -62,4 +63,5 @@ def test_the_deployment_config_is_the_training_settings_plus_the_rest():
     run = config.training_run(4)
     assert run.settings == TrainingSettings(epochs=3) and run.replay_dir == config.replay_dir
     assert TrainingRun.from_custom_config(run.to_custom_config()) == run
-    assert set(run.to_custom_config()) - set(defaults()) == {"span", "data_dir", "replay_dir", "tensorboard_dir"}
+    assert set(run.to_custom_config()) - set(defaults()) == {"span", "data_dir", "replay_dir", "tensorboard_dir",
+                                                                      "features_dir"}
