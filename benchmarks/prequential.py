@@ -52,6 +52,8 @@ DATASETS = {
 }
 MODELS = ("incremental", "full", "frozen", "popularity", "logistic_regression", "popularity_history",
           "logistic_regression_history", "gbm")
+RANKERS = ("incremental", "full", "popularity", "cooccurrence")  # models with a top-K list
+RANKING_METRICS = ("recall@10", "ndcg@10", "precision@10", "recall@50", "ndcg@50")
 DEFAULT_ABLATIONS = "no_history_features,adam,no_replay,distill_0.5"
 
 
@@ -205,7 +207,30 @@ def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, D
                 scores = model.predict(target["inputs"])
             out[name][span] = dict(scored(target["labels"], scores, new_users), train_seconds=round(trained, 3),
                                    examples_trained=len(labels), run_seconds=round(time.time() - started, 3))
+        out.setdefault("cooccurrence", {})[span] = {}
+        for name, ranking in peer_rankings(users, items, labels, target).items():
+            out[name][span]["ranking"] = ranking
     out["frozen"]["span_1_train_seconds"] = frozen_train["train_seconds"]
+    return out
+
+
+def peer_rankings(users, items, labels, target: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Top-K metrics of the popularity and item co-occurrence recommenders fit on spans 1..N-1, for the same
+    users and positives the pipeline's DeploymentGuard measures `recommend` on (its user sample of span N)."""
+    import numpy as np
+
+    from benchmarks.recommenders import CoOccurrence, Popularity
+    from components.live_ranking import KS, PositiveSample
+    from models.ranking_metrics import ranking_metrics
+
+    sample = PositiveSample()
+    sample.add(np.array([u.encode() for u in target["users"]], dtype=object),
+               np.array([i.encode() for i in target["items"]], dtype=object), np.asarray(target["labels"]))
+    wanted = sorted(sample.items)
+    out = {}
+    for name, recommender in (("popularity", Popularity), ("cooccurrence", CoOccurrence)):
+        model = recommender().fit(users, items, labels)
+        out[name] = ranking_metrics(model.recommend(wanted, max(KS)), sample.items, KS)
     return out
 
 
@@ -233,12 +258,17 @@ def per_span(result: Dict[str, Any]) -> List[Dict[str, Any]]:
         row: Dict[str, Any] = {"span": span}
         for mode, run in modes.items():
             record = run["records"].get(span, {})
-            row[mode] = {"auc": record.get("live_auc"), "train_seconds": record.get("train_seconds"),
+            # AUC with the features logged with each row, as the peers are scored (and as live AUC was measured
+            # before versions carried a feature snapshot); auc_ids_only is what a client calling with ids gets.
+            logged = record.get("live_auc_logged_features")
+            row[mode] = {"auc": logged if logged is not None else record.get("live_auc"),
+                         "auc_ids_only": record.get("live_auc"), "train_seconds": record.get("train_seconds"),
                          "run_seconds": record.get("run_seconds"), "examples_trained": record.get("examples_trained"),
                          "blessed": record.get("blessed"), "rolled_back": record.get("rolled_back"),
                          "gate_reason": (record.get("gate") or {}).get("reason"),
                          "caught_up_spans": record.get("caught_up_spans", []),
-                         "component_seconds": record.get("component_seconds", {})}
+                         "component_seconds": record.get("component_seconds", {}),
+                         "ranking": record.get("ranking")}
             segments = run.get("segments", {}).get(span, {})
             row[mode].update({k: v for k, v in segments.items() if k != "auc"})
         for name, by_span in result["others"].items():
@@ -258,6 +288,11 @@ def summarize(name: str, rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     for segment in ("new_users", "returning_users"):
         summary[f"mean_auc_{segment}"] = {m: mean(r.get(m, {}).get(f"auc_{segment}") for r in rows) for m in MODELS}
     summary["new_user_share"] = mean(r.get("new_user_share") for r in rows)
+    summary["mean_auc_ids_only"] = {m: mean(r.get(m, {}).get("auc_ids_only") for r in rows)
+                                    for m in ("incremental", "full")}
+    for metric in RANKING_METRICS:
+        summary[f"mean_{metric}"] = {m: mean((r.get(m, {}).get("ranking") or {}).get(metric) for r in rows)
+                                     for m in RANKERS}
     last = rows[-1] if rows else {}
     summary["last_span"] = last.get("span")
     summary["train_seconds_last_span"] = {m: last.get(m, {}).get("train_seconds") for m in MODELS}
@@ -292,6 +327,13 @@ def goals(summaries: Dict[str, Dict[str, Any]], aa_checks: Optional[Dict[str, Li
         if auc_["incremental"] is not None and auc_.get("gbm") is not None:
             goal(f"{name}: incremental mean live AUC >= the feature-equal GBM's + 0.01", round(auc_["incremental"], 4),
                  round(auc_["gbm"] + 0.01, 4), auc_["incremental"] >= auc_["gbm"] + 0.01)
+        recall = s.get("mean_recall@10", {})
+        if recall.get("incremental") is not None and recall.get("popularity") is not None:
+            goal(f"{name}: incremental mean recall@10 >= 1.3 x popularity's", round(recall["incremental"], 4),
+                 round(1.3 * recall["popularity"], 4), recall["incremental"] >= 1.3 * recall["popularity"])
+        if recall.get("incremental") is not None and recall.get("cooccurrence") is not None:
+            goal(f"{name}: incremental mean recall@10 >= item co-occurrence's", round(recall["incremental"], 4),
+                 round(recall["cooccurrence"], 4), recall["incremental"] >= recall["cooccurrence"])
         seconds = s["train_seconds_last_span"]
         if seconds.get("incremental") and seconds.get("full"):
             goal(f"{name}: incremental train seconds at span {s['last_span']} <= 0.35 x full retrain's",
@@ -327,6 +369,20 @@ def markdown(results: Dict[str, Any]) -> str:
         parts.append(markdown_table(["span", *MODELS, "inc train s", "full train s", "inc run s", "full run s",
                                      "inc examples", "full examples"], rows))
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        ids_only = s.get("mean_auc_ids_only", {})
+        parts += ["", "increc's AUC above is scored with the features logged with each row, as the peers are. "
+                      "Called with ids alone (what a client gets: the features of the serving version's snapshot, "
+                      "as of the end of its span), the mean live AUC is "
+                      + ", ".join(f"{m} {fmt(ids_only.get(m))}" for m in ("incremental", "full")) + "."]
+        rank_cell = lambda r, m, k: fmt((r.get(m, {}).get("ranking") or {}).get(k))  # noqa: E731
+        parts += ["", "Top-K on span N's positives (the same sample of at most 1,000 users for every model; "
+                      "increc: the `recommend` signature of the version serving when span N arrived, seen items "
+                      "excluded; popularity and co-occurrence fit on spans 1..N-1): recall@10 / NDCG@10", "",
+                  markdown_table(["span", *RANKERS],
+                                 [[r["span"], *[f"{rank_cell(r, m, 'recall@10')} / {rank_cell(r, m, 'ndcg@10')}"
+                                                for m in RANKERS]] for r in result["per_span"]]
+                                 + [["mean", *[f"{fmt(s['mean_recall@10'][m])} / {fmt(s['mean_ndcg@10'][m])}"
+                                               for m in RANKERS]]])]
         parts += ["", "The gate's decision on each incremental span (PairedGate: DeLong's paired test against the "
                       "serving model):", "",
                   markdown_table(["span", "blessed", "caught up", "why"],
