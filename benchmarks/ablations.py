@@ -161,7 +161,8 @@ def replay(work_dir: str, settings: Dict[str, Any], mode: str, scratch: str,
             value = auc(eval_labels, scores)
             return paired_decision(eval_labels, scores, score_examples(against, eval_records) if against else None,
                                    config.gate_confidence, tolerance,
-                                   value_blessed=value is not None and value >= config.min_auc)
+                                   value_blessed=value is not None and value >= config.min_auc,
+                                   indifference=config.gate_indifference)
 
         # The A/A candidates train first: the main candidate's run then leaves its own replay snapshot.
         extra = {}

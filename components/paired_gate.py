@@ -7,8 +7,9 @@ same eval rows with both models and applies DeLong's paired test
 (models/statistics.py), which accounts for the sample size and for the
 correlation of two models scoring the same rows:
 
-- not blessed when the candidate is worse with `confidence` (the one-sided
-  upper bound of candidate - serving AUC is below 0), or worse by more than
+- not blessed when the candidate is worse by more than `indifference`
+  (`gate_indifference`) with `confidence` (the one-sided upper bound of
+  candidate - serving AUC is below -indifference), or worse by more than
   `margin` (`auc_tolerance`) whatever the evidence;
 - not blessed when TFMA's value threshold did not bless (`min_auc`: better
   than chance);
@@ -62,21 +63,21 @@ def score_rows(patterns, candidate_dir: str, baseline_dir: Optional[str]
 
 
 def paired_decision(labels, candidate_scores, baseline_scores, confidence: float, margin: float,
-                    value_blessed: bool = True) -> dict:
+                    value_blessed: bool = True, indifference: float = 0.0) -> dict:
     """The gate's verdict as the JSON it writes: candidate (a) against the serving model (b) on the same rows.
 
     `baseline_scores` None: nothing serves, so only TFMA's value threshold
     (`value_blessed`) decides. The interval is two-sided at `confidence`; the
     rule uses the one-sided bound at `confidence` (models/statistics.decide).
     """
-    out = {"confidence": confidence, "margin": margin, "value_blessed": bool(value_blessed), "rows": int(len(labels)),
+    out = {"confidence": confidence, "margin": margin, "indifference": indifference, "value_blessed": bool(value_blessed), "rows": int(len(labels)),
            "candidate_auc": None, "baseline_auc": None, "difference": None, "se": None, "lower": None,
            "upper": None, "p_value": None, "compared": False}
     if baseline_scores is None:
         paired_ok, reason = True, "no serving model to compare with"
     else:
         comparison = delong(labels, candidate_scores, baseline_scores, confidence)
-        decision = decide(comparison, confidence, margin)
+        decision = decide(comparison, confidence, margin, indifference)
         paired_ok, reason = decision.blessed, decision.reason
         if comparison is not None:
             out.update(candidate_auc=comparison.auc_a, baseline_auc=comparison.auc_b,
@@ -97,6 +98,7 @@ def PairedGate(
     blessing: OutputArtifact[standard_artifacts.ModelBlessing],
     confidence: Parameter[float],
     margin: Parameter[float],
+    indifference: Parameter[float],
 ) -> None:
     candidate_dir = saved_model_dir(model)
     if candidate_dir is None:
@@ -104,7 +106,7 @@ def PairedGate(
     patterns = [os.path.join(artifact_utils.get_split_uri([examples], "eval"), "*")]
     labels, scores_a, scores_b = score_rows(patterns, candidate_dir, saved_model_dir(baseline_model))
     value_blessed = value_blessing.get_int_custom_property("blessed") == 1
-    gate = paired_decision(labels, scores_a, scores_b, confidence, margin, value_blessed)
+    gate = paired_decision(labels, scores_a, scores_b, confidence, margin, value_blessed, indifference)
     gate["span"] = examples.get_int_custom_property("span")
     with tf.io.gfile.GFile(os.path.join(blessing.uri, GATE_FILE), "w") as f:
         json.dump(gate, f, indent=2)

@@ -278,19 +278,26 @@ def serving_inputs(examples: List[bytes], categorical: List[str], numeric: List[
     return out
 
 
-def write_warmup(saved_model_dir: str, examples: List[bytes], categorical: List[str], numeric: List[str]) -> None:
-    """A TF Serving warmup file, so a fresh version's first real request is not slow."""
+def write_warmup(saved_model_dir: str, examples: List[bytes], categorical: List[str], numeric: List[str],
+                 recommend: bool = True) -> None:
+    """A TF Serving warmup file, so a fresh version's first real request is not slow: a serving_default
+    request with features, one with ids alone, and (where the version has it) a recommend request."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     inputs = serving_inputs(examples[:WARMUP_EXAMPLES], categorical, numeric)
-    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name="serving_default"))
-    for name, values in inputs.items():
-        request.inputs[name].CopyFrom(tf.make_tensor_proto(values))
+    requests = [("serving_default", inputs),
+                ("serving_default", {F.USER_ID: inputs[F.USER_ID], F.ITEM_ID: inputs[F.ITEM_ID]})]
+    if recommend:
+        requests.append(("recommend", {F.USER_ID: inputs[F.USER_ID]}))
     path = os.path.join(saved_model_dir, WARMUP_FILE)
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.TFRecordWriter(path) as writer:
-        log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-        writer.write(log.SerializeToString())
+        for signature, values in requests:
+            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(signature_name=signature))
+            for name, value in values.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
 
 
 def call_signature(signature, **given):

@@ -179,12 +179,18 @@ def delong(labels, scores_a, scores_b, level: float = 0.95) -> Optional[PairedAU
     return PairedAUC(auc_a, auc_b, difference, se, level, difference - half, difference + half, p_value, m, n)
 
 
-def decide(comparison: Optional[PairedAUC], level: float = 0.95, margin: float = 0.01) -> Decision:
+def decide(comparison: Optional[PairedAUC], level: float = 0.95, margin: float = 0.01,
+           indifference: float = 0.0) -> Decision:
     """The gate's rule for a candidate `a` against the model it would replace, `b`.
 
-    Not blessed when a is worse with confidence (the one-sided upper bound
-    of a - b at `level` is below 0, which is the same as p_value < 1 - level)
-    or worse by more than `margin` whatever the evidence. Otherwise blessed.
+    Not blessed when a is worse by more than `indifference` with confidence
+    (the one-sided upper bound of a - b at `level` is below -indifference; with
+    0, the same as p_value < 1 - level) or worse by more than `margin`
+    whatever the evidence. Otherwise blessed. `indifference` is a
+    non-inferiority margin: DeLong's test treats both models as fixed, but two
+    trainings on the same data differ by a few thousandths of AUC (the
+    seed), so a difference that small, however certain, is not a reason to
+    refuse.
     The reason is one line: both AUCs, the difference and its one-sided
     upper bound, the p-value and which rule decided.
 
@@ -196,6 +202,8 @@ def decide(comparison: Optional[PairedAUC], level: float = 0.95, margin: float =
     _normal_quantile(level)
     if margin < 0:
         raise ValueError(f"the margin is a non-negative AUC difference, not {margin}")
+    if indifference < 0:
+        raise ValueError(f"the indifference is a non-negative AUC difference, not {indifference}")
     if comparison is None:
         return Decision(True, "AUC undefined (the rows hold one class): nothing to compare", None)
     c = comparison
@@ -204,12 +212,13 @@ def decide(comparison: Optional[PairedAUC], level: float = 0.95, margin: float =
                + (f", {100 * level:g}% upper bound {upper:+.4f} (SE {c.se:.4f}, one-sided p {c.p_value:.3g})"
                   if upper is not None else ", variance undefined (fewer than two rows of a class)")
                + f"; {c.positives} positive and {c.negatives} negative rows")
-    confident = upper is not None and upper < 0.0
+    confident = upper is not None and upper < -indifference
     beyond_margin = c.difference < -margin
+    worse = f"worse by more than {indifference:g} with confidence" if indifference else "worse with confidence"
     if confident and beyond_margin:
-        return Decision(False, f"worse with confidence and by more than the margin {margin:g}: {figures}", c)
+        return Decision(False, f"{worse} and by more than the margin {margin:g}: {figures}", c)
     if confident:
-        return Decision(False, f"worse with confidence: {figures}", c)
+        return Decision(False, f"{worse}: {figures}", c)
     if beyond_margin:
         return Decision(False, f"worse by more than the margin {margin:g}: {figures}", c)
     return Decision(True, f"not shown worse: {figures}", c)

@@ -27,7 +27,8 @@ CONFIG_FILE = "config.json"
 # Knobs a user may set per run on the command line (the rest come from --config or config.json).
 TUNABLE = {
     "epochs": int, "learning_rate": float, "batch_size": int, "replay_fraction": float,
-    "auc_tolerance": float, "rollback_tolerance": float, "gate_confidence": float, "rollback_confidence": float, "bad_row_budget": float,
+    "auc_tolerance": float, "gate_indifference": float, "rollback_tolerance": float, "gate_confidence": float,
+    "rollback_confidence": float, "bad_row_budget": float,
     "keep_versions": int, "serving_address": str, "model_name": str, "optimizer": str,
 }
 NOT_SAVED_REASON = "is a per-run setting and is never saved; remove it (pass --mode, --force or --config to a run)"

@@ -170,6 +170,7 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         value_blessing=evaluator.outputs["blessing"],
         confidence=config.gate_confidence,
         margin=config.auc_tolerance,
+        indifference=config.gate_indifference,
     )
     pusher = ServingPusher(
         model=trainer.outputs["model"],

@@ -118,6 +118,21 @@ def test_the_margin_rejects_a_large_drop_the_test_cannot_confirm():
     assert not decision.blessed and decision.reason.startswith("worse by more than the margin 0.02")
 
 
+def test_a_certain_but_small_drop_inside_the_indifference_zone_is_blessed():
+    rng = np.random.default_rng(8)
+    labels, _, b = noisy_pair(rng, 20000)
+    result = delong(labels, b + 0.3 * rng.normal(size=20000), b)  # a slightly noisier copy: highly correlated
+    assert -0.005 < result.difference < 0 and result.upper_bound(0.99) < 0, "significant, and small"
+    assert not decide(result, level=0.99, margin=0.02).blessed
+    within = decide(result, level=0.99, margin=0.02, indifference=0.005)
+    assert within.blessed and within.reason.startswith("not shown worse")
+    clearly = decide(delong(*noisy_pair(rng, 20000, noise_a=2.0, noise_b=1.0)), level=0.99, margin=0.5,
+                     indifference=0.005)
+    assert not clearly.blessed and clearly.reason.startswith("worse by more than 0.005 with confidence")
+    with pytest.raises(ValueError, match="indifference"):
+        decide(result, indifference=-0.1)
+
+
 def test_identical_and_tied_scores():
     rng = np.random.default_rng(6)
     labels = rng.random(500) < 0.5
