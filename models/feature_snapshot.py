@@ -200,7 +200,7 @@ class FeatureSnapshot:
         return self._pairs[0]
 
     def seen_by_user(self):
-        """(row_splits [users + 1], item rows): the items each user row interacted with."""
+        """(row_splits [users + 1], item rows): the items each user row interacted with, ascending per user."""
         pairs = self.seen_pairs()
         users, items = pairs >> 32, pairs & 0xFFFFFFFF
         splits = np.zeros(len(self.users) + 1, np.int64)

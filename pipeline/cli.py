@@ -272,8 +272,10 @@ def span_line(record: Dict[str, Any]) -> str:
     caught_up = record.get("caught_up_spans")
     caught_up = f" (with span{'s' if len(caught_up) > 1 else ''} {', '.join(map(str, caught_up))})" if caught_up else ""
     gate = f" [{gate_text(record)}]" if record.get("gate") else ""
-    return (f"span {record['span']}: live AUC {_fmt(record['live_auc'])} (previous {_fmt(record['previous_auc'])}), "
-            f"{rolled}"
+    ranking = record.get("ranking") or {}
+    recall = f", recall@10 {_fmt(ranking.get('recall@10'))}" if ranking.get("users") else ""
+    return (f"span {record['span']}: live AUC {_fmt(record['live_auc'])} (previous {_fmt(record['previous_auc'])})"
+            f"{recall}, {rolled}"
             f"candidate AUC {_fmt(record['candidate_auc'])} vs baseline {_fmt(record['baseline_auc'])}: "
             f"{decision}, {push}; serving v{_fmt(record['serving_version'])}; "
             f"{record['examples_trained']} examples{caught_up}, train {record['train_seconds']:.1f}s, "
@@ -537,16 +539,17 @@ def cmd_history(args) -> int:
     if not records:
         print(f"no history in {args.work}")
         return 0
-    header = ("span", "mode", "status", "live_auc", "previous_auc", "candidate_auc", "baseline_auc",
-              "gate_difference", "blessed", "pushed", "rolled_back", "serving", "trained", "caught_up",
+    header = ("span", "mode", "status", "live_auc", "logged_auc", "recall@10", "previous_auc", "candidate_auc",
+              "baseline_auc", "gate_difference", "blessed", "pushed", "rolled_back", "serving", "trained", "caught_up",
               "train_s", "run_s")
     rows = [header]
     for r in records:
         if r.get("event") == "rollback":
-            rows.append(("-", "manual", "rollback", "-", "-", "-", "-", "-", "-", "-", "yes",
+            rows.append(("-", "manual", "rollback", "-", "-", "-", "-", "-", "-", "-", "-", "-", "yes",
                          _fmt(r.get("restored_version")), "0", "-", "-", "-"))
             continue
         rows.append((str(r["span"]), r.get("mode", "-"), r.get("status", "ok"), _fmt(r.get("live_auc")),
+                     _fmt(r.get("live_auc_logged_features")), _fmt((r.get("ranking") or {}).get("recall@10")),
                      _fmt(r.get("previous_auc")), _fmt(r.get("candidate_auc")), _fmt(r.get("baseline_auc")),
                      interval_text(r.get("gate")), "yes" if r.get("blessed") else "no", _fmt(r.get("pushed_version")),
                      "yes" if r.get("rolled_back") else "no", _fmt(r.get("serving_version")),
@@ -555,6 +558,8 @@ def cmd_history(args) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("live_auc: the serving version called with ids alone (features from its snapshot); logged_auc: the same "
+          "version with the features logged with each row; recall@10: its recommend on the span's positives")
     # The tests behind the decisions, one line each: the gate's and any rollback's.
     for r in records:
         if r.get("gate"):

@@ -227,7 +227,8 @@ def test_candidate_trained_on_flipped_labels_is_not_blessed_or_pushed(shared_run
     gate = record["gate"]
     assert gate["compared"] and gate["blessed"] is False and gate["paired_blessed"] is False
     assert gate["confidence"] == 0.99 and gate["margin"] == pytest.approx(0.02)
-    assert gate["reason"].startswith("below min_auc") and "worse with confidence" in gate["reason"]
+    assert gate["indifference"] == pytest.approx(0.005)
+    assert gate["reason"].startswith("below min_auc") and "worse by more than 0.005 with confidence" in gate["reason"]
     assert gate["lower"] <= gate["difference"] <= gate["upper"] < 0
     assert gate["p_value"] < 0.01
     assert gate["difference"] == pytest.approx(gate["candidate_auc"] - gate["baseline_auc"])
