@@ -18,6 +18,13 @@ def markdown_table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def print_goals(goals) -> None:
+    """(goal, figure, met) triples, one line each, against the run's own figures."""
+    print("\nGoals (this run's figures):")
+    for goal, figure, ok in goals:
+        print(f"  {'met    ' if ok else 'NOT met'}  {goal}: {figure}")
+
+
 def quiet_tensorflow() -> None:
     """Only errors from TensorFlow and absl: benchmarks print their own figures."""
     import logging

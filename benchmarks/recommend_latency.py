@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import markdown_table, quiet_tensorflow, write_json  # noqa: E402
+from benchmarks.common import markdown_table, print_goals, quiet_tensorflow, write_json  # noqa: E402
 
 MODEL = "increc"
 LABEL = "stable"
@@ -424,9 +424,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          [[r["catalog"], r["grpc"]["p50_ms"], r["grpc"]["p90_ms"], r["grpc"]["p99_ms"],
                            r["grpc"]["requests_per_s"], r["in_process"]["p50_ms"], r["in_process"]["p99_ms"]]
                           for r in results["sizes"]]))
-    print("\nGoals (this run's figures):")
-    for goal, figure, ok in goals(results):
-        print(f"  {'met    ' if ok else 'NOT met'}  {goal}: {figure}")
+    print_goals(goals(results))
     write_reports(results, out_dir)
     return 0
 

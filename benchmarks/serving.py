@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import markdown_table, quiet_tensorflow, write_json  # noqa: E402
+from benchmarks.common import markdown_table, print_goals, quiet_tensorflow, write_json  # noqa: E402
 
 MODEL = "increc"
 LABEL = "stable"
@@ -454,9 +454,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    print("\nGoals (this run's figures):")
-    for goal, figure, ok in goals(results):
-        print(f"  {'met    ' if ok else 'NOT met'}  {goal}: {figure}")
+    print_goals(goals(results))
     write_reports(results, out_dir)
     return 0
 
