@@ -733,6 +733,7 @@ def cmd_predict(args) -> int:
     config = loaded.config
     if args.data:
         preflight.data_dir_present(config.data_dir)
+    _checked_address(args)
     for note in loaded.notes:
         _note(note)
     from pipeline import serving_ops
@@ -747,15 +748,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _serving_client(args, config):
+def _checked_address(args) -> None:
+    """--address, checked before anything heavy is imported."""
     from pipeline.config import ConfigError, check_value
-    from serving.client import ServingClient
 
     if args.address is not None:
         try:
             check_value("serving_address", args.address)
         except ConfigError as e:
             raise ConfigError(f"--address {e.problem}") from None
+
+
+def _serving_client(args, config):
+    from serving.client import ServingClient
+
     client = ServingClient(args.address or config.serving_address)
     if not client.is_reachable(wait=3):
         raise RuntimeError(f"no server at {args.address or config.serving_address}; start one with `increc up`")
@@ -770,6 +776,7 @@ def cmd_recommend(args) -> int:
 
     preflight.work_dir_present(args.work)
     loaded = load_config(args)
+    _checked_address(args)
     for note in loaded.notes:
         _note(note)
     client = _serving_client(args, loaded.config)

@@ -267,7 +267,7 @@ def test_a_run_refused_by_the_lock_changes_nothing(data, deployment):
 
 @pytest.mark.parametrize("command", [
     ["status"], ["history"], ["rollback"], ["up"], ["down"], ["predict", "--user", "1", "--item", "2"],
-    ["config"], ["config", "--set", "epochs=3"], ["tensorboard"],
+    ["recommend", "--user", "1"], ["config"], ["config", "--set", "epochs=3"], ["tensorboard"],
 ])
 def test_reading_commands_refuse_a_missing_work_directory(tmp_path, command):
     work = tmp_path / "no-such-work"
@@ -283,6 +283,11 @@ def test_other_flags_of_reading_commands(deployment):
         "up", "--work", str(deployment), "--port", "8600", "--rest-port", "8600")
     assert "--address must be host:port" in refused(
         "predict", "--work", str(deployment), "--user", "1", "--item", "2", "--address", "nowhere")
+    assert "--address must be host:port" in refused(
+        "recommend", "--work", str(deployment), "--user", "1", "--address", "nowhere")
+    for k in ("0", "1001", "ten"):
+        assert "argument -k: must be an integer from 1 to 1000, got" in refused(
+            "recommend", "--work", str(deployment), "--user", "1", "-k", k)
     assert "argument --to: must be a version number >= 0, got -1" in refused(
         "rollback", "--work", str(deployment), "--to", "-1")
     assert f"--data {deployment / 'gone'}: no such directory" in refused(

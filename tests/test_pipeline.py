@@ -159,6 +159,8 @@ def test_tensorboard_has_a_run_per_span_and_a_timeline(shared_run):
     # The paired gate compares from span 2 on, the rollback test once a previous version exists (span 3).
     assert steps["gate/difference"] >= set(range(2, TEST_SPANS + 1)) and steps["gate/upper"] == steps["gate/lower"]
     assert steps["rollback_test/difference"] >= set(range(3, TEST_SPANS + 1))
+    # Top-K of the serving version's recommend on each span's positives, once a version serves.
+    assert steps["ranking/recall_at_10"] >= set(range(2, TEST_SPANS + 1)) and "ranking/ndcg_at_50" in steps
 
 
 # --- runs that must not change what serves; they reuse the shared work directory after it is done ---

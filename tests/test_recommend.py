@@ -113,3 +113,8 @@ def test_runs_record_top_k_metrics_and_the_ids_only_gap(shared_run):
     assert any(s.get("ranking") for s in report["spans"]) and report["mean_live_recall@10"] is not None
     status = increc("status", "--work", str(work))
     assert "recall@10" in status.stdout
+    table = increc("history", "--work", str(work)).stdout.splitlines()
+    header = table[0].split()
+    assert {"live_auc", "logged_auc", "recall@10"} <= set(header)
+    last = next(line.split() for line in reversed(table) if line.startswith(f"{measured[-1]['span']} "))
+    assert last[header.index("recall@10")] == f"{measured[-1]['ranking']['recall@10']:.4f}"
