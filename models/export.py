@@ -77,7 +77,13 @@ class ExportModule(tf.Module):
         if retrieval is not None and lookup is not None and lookup.items.size:
             self._query = retrieval.query
             self.index = tfrs.layers.factorized_top_k.BruteForce(name="retrieval_index")
-            self.index.index(self._catalog_embeddings(retrieval), tf.range(lookup.items.size, dtype=tf.int64))
+            # The candidate tower learnt with in-batch negatives, which are drawn as often as an item is
+            # interacted with, so its score is about log p(item | user) - log p(item): the log of each item's
+            # interactions is added back (a last coordinate the query meets with a 1), which turns the score
+            # into the user's log-propensity to interact with the item.
+            prior = tf.math.log1p(tf.constant(lookup.item_counts, tf.float32))[:, tf.newaxis]
+            self.index.index(tf.concat([self._catalog_embeddings(retrieval), prior], axis=1),
+                             tf.range(lookup.items.size, dtype=tf.int64))
 
     # --- scoring ---
 
@@ -192,25 +198,29 @@ class ExportModule(tf.Module):
                                  tf.fill([batch, 1], tf.constant(tf.int64.max, tf.int64))], axis=1)
         wanted = tf.minimum(tf.maximum(k_max, RECOMMEND_CANDIDATES), catalog)
         fetched = tf.minimum(wanted + seen_count, catalog)
+        query = tf.concat([query, tf.ones([batch, 1])], axis=1)  # meets the popularity coordinate
         scores, rows = self.index(query, k=tf.cast(fetched, tf.int32))
         # Membership by binary search: comparing every candidate with every seen item costs
         # candidates x seen, ~50 ms for a user with thousands of items.
         at = tf.minimum(tf.searchsorted(seen_sorted, rows, out_type=tf.int64), seen_count)
         excluded = tf.equal(tf.gather(seen_sorted, at, batch_dims=1), rows)
-        _, keep = tf.math.top_k(tf.where(excluded, -1e30, scores), k=tf.cast(wanted, tf.int32))
+        top_retrieved, keep = tf.math.top_k(tf.where(excluded, -1e30, scores), k=tf.cast(wanted, tf.int32))
         candidates = tf.gather(rows, keep, batch_dims=1)  # [batch, wanted]
         valid = tf.logical_not(tf.gather(excluded, keep, batch_dims=1))
+        # p(interacts with item | user), normalised over the user's candidates.
+        propensity = tf.nn.softmax(tf.where(valid, top_retrieved, -1e30), axis=1)
 
-        # Ranking of each user's candidates.
+        # Ranking of each user's candidates: the probability of a positive outcome if they interact.
         per_user = tf.shape(candidates)[1]
         flat_items = tf.gather(lookup.item_ids, tf.reshape(candidates, [-1]))
         flat_users = tf.repeat(users, per_user)
         values = self._looked_up(flat_users, flat_items)
         values.update({f: tf.repeat(v, per_user) for f, v in user_values.items()})
         values.update({F.USER_ID: flat_users, F.ITEM_ID: flat_items})
-        ranked = tf.reshape(self._score_raw(self._raw_from_client(values)), [batch, per_user])
-        ranked = tf.where(valid, ranked, -1.0)
-        top, order = tf.math.top_k(ranked, k=tf.cast(tf.minimum(k_max, tf.cast(per_user, tf.int64)), tf.int32))
+        positive = tf.reshape(self._score_raw(self._raw_from_client(values)), [batch, per_user])
+        # What a recommendation is for: an interaction with a positive outcome.
+        combined = tf.where(valid, propensity * positive, -1.0)
+        top, order = tf.math.top_k(combined, k=tf.cast(tf.minimum(k_max, tf.cast(per_user, tf.int64)), tf.int32))
         ids = tf.gather(tf.gather(lookup.item_ids, candidates), order, batch_dims=1)
         # Beyond a row's own k, or once the catalog runs out: no item.
         position = tf.range(tf.shape(order, out_type=tf.int64)[1])

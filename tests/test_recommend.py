@@ -63,7 +63,7 @@ def test_every_pushed_version_recommends_top_k_unseen_items(shared_run):
             got = [i.decode() for i in ids[row] if i]
             assert len(got) == 10 and len(set(got)) == 10 and set(got) <= catalog
             assert not set(got) & seen[user], f"user {user!r} was recommended items they had seen"
-            assert list(scores[row]) == sorted(scores[row], reverse=True)
+            assert list(scores[row]) == sorted(scores[row], reverse=True) and all(0 < v < 1 for v in scores[row])
         # Asked to, it may recommend seen items: the ranking then runs over the whole catalog.
         with_seen, _ = recommend(model, heavy[:1], k=10, exclude_seen=False)
         assert all(with_seen[0])
