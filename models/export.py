@@ -56,34 +56,30 @@ def signature_function(body, required: List[tf.TensorSpec], optional: List[Tuple
 
 class ExportModule(tf.Module):
     def __init__(self, model, tft_layer, raw_feature_spec, categorical: List[str], numeric: List[str],
-                 retrieval=None, lookup: Optional[SnapshotLookup] = None, owners: Optional[Dict[str, str]] = None):
+                 retrieval, lookup: SnapshotLookup, owners: Dict[str, Optional[str]]):
         super().__init__()
         # The Keras model stays out of the saved object graph (a bound method is not tracked):
         # tracking it makes the save trace every layer for Keras' own loader, ~2 s per export
         # that nothing here reads. Its weights are saved through WEIGHTS_ATTRIBUTE, by name.
         self._logits = model.__call__
+        self._query = retrieval.query
         self.tft_layer = tft_layer
-        weights = ranking_model.weights_by_name(model)
-        if retrieval is not None:
-            weights.update(retrieval_model.weights_by_name(retrieval))
-        setattr(self, WEIGHTS_ATTRIBUTE, weights)
+        setattr(self, WEIGHTS_ATTRIBUTE, dict(ranking_model.weights_by_name(model),
+                                              **retrieval_model.weights_by_name(retrieval)))
         self._categorical = list(categorical)
         self._numeric = list(numeric)
         # Clients do not send the label or the timestamp.
         self._request_spec = {k: v for k, v in raw_feature_spec.items() if k not in F.NON_FEATURES}
         self.lookup = lookup
-        self._owners = dict(owners or {})
-        self.index = None
-        if retrieval is not None and lookup is not None and lookup.items.size:
-            self._query = retrieval.query
-            self.index = tfrs.layers.factorized_top_k.BruteForce(name="retrieval_index")
-            # The candidate tower learnt with in-batch negatives, which are drawn as often as an item is
-            # interacted with, so its score is about log p(item | user) - log p(item): the log of each item's
-            # interactions is added back (a last coordinate the query meets with a 1), which turns the score
-            # into the user's log-propensity to interact with the item.
-            prior = tf.math.log1p(tf.constant(lookup.item_counts, tf.float32))[:, tf.newaxis]
-            self.index.index(tf.concat([self._catalog_embeddings(retrieval), prior], axis=1),
-                             tf.range(lookup.items.size, dtype=tf.int64))
+        self._owners = dict(owners)
+        self.index = tfrs.layers.factorized_top_k.BruteForce(name="retrieval_index")
+        # The candidate tower learnt with in-batch negatives, which are drawn as often as an item is
+        # interacted with, so its score is about log p(item | user) - log p(item): the log of each item's
+        # interactions is added back (a last coordinate the query meets with a 1), which turns the score
+        # into the user's log-propensity to interact with the item.
+        prior = tf.math.log1p(tf.constant(lookup.item_counts, tf.float32))[:, tf.newaxis]
+        self.index.index(tf.concat([self._catalog_embeddings(retrieval), prior], axis=1),
+                         tf.range(lookup.items.size, dtype=tf.int64))
 
     # --- scoring ---
 
@@ -131,8 +127,6 @@ class ExportModule(tf.Module):
 
     def _looked_up(self, users: tf.Tensor, items: tf.Tensor) -> Dict[str, tf.Tensor]:
         rows = tf.shape(users)[0]
-        if self.lookup is None:
-            return {f: self._empty(f, rows) for f in self._categorical + self._numeric}
         found = dict(self.lookup.users.gather(self.lookup.users.rows(users)))
         found.update(self.lookup.items.gather(self.lookup.items.rows(items)))
         return {f: found[f] if f in found else self._empty(f, rows) for f in self._categorical + self._numeric}
@@ -181,21 +175,21 @@ class ExportModule(tf.Module):
 
         # The user's own features: snapshot, overridden by what the request sent.
         user_rows = lookup.users.rows(users)
-        user_values = self._looked_up(users, tf.fill([batch], ""))
-        user_values = {f: v for f, v in user_values.items() if self._owners.get(f) != "item"}
+        no_item = tf.fill([batch], "")
+        looked_up = self._looked_up(users, no_item)
+        user_values = {f: v for f, v in looked_up.items() if self._owners.get(f) != "item"}
         for f in list(user_values):
             if f in inputs:
                 user_values[f] = self._with_given(f, inputs[f], user_values[f])
 
         # Retrieval over the whole catalog, seen items pushed to the bottom.
         query = self._query(self._transform(self._raw_from_client(dict(
-            self._looked_up(users, tf.fill([batch], "")), **user_values,
-            **{F.USER_ID: users, F.ITEM_ID: tf.fill([batch], "")})))[F.index_name(F.USER_ID)])
+            looked_up, **user_values, **{F.USER_ID: users, F.ITEM_ID: no_item})))[F.index_name(F.USER_ID)])
         # Each user's seen item rows, ascending (the snapshot keeps them sorted), then rows no item has.
-        seen = lookup.seen(tf.where(exclude, user_rows, -tf.ones_like(user_rows)))
-        seen_count = tf.shape(seen.to_tensor(), out_type=tf.int64)[1]
-        seen_sorted = tf.concat([seen.to_tensor(default_value=tf.int64.max),
-                                 tf.fill([batch, 1], tf.constant(tf.int64.max, tf.int64))], axis=1)
+        seen = lookup.seen(tf.where(exclude, user_rows, -tf.ones_like(user_rows))).to_tensor(
+            default_value=tf.int64.max)
+        seen_count = tf.shape(seen, out_type=tf.int64)[1]
+        seen_sorted = tf.concat([seen, tf.fill([batch, 1], tf.constant(tf.int64.max, tf.int64))], axis=1)
         wanted = tf.minimum(tf.maximum(k_max, RECOMMEND_CANDIDATES), catalog)
         fetched = tf.minimum(wanted + seen_count, catalog)
         query = tf.concat([query, tf.ones([batch, 1])], axis=1)  # meets the popularity coordinate
@@ -252,14 +246,12 @@ class ExportModule(tf.Module):
             raw[F.TIMESTAMP] = tf.zeros([batch, 1], tf.int64)
             return {F.USER_IS_NEW: self.tft_layer(raw)[F.USER_IS_NEW]}
 
-        out = {"serving_default": serving_default, "regress": regress, "classify": classify,
-               "transform_features": transform_features}
-        if self.index is not None:
-            knobs = [(tf.TensorSpec([None], tf.int32, "k"), tf.constant([DEFAULT_K], tf.int32)),
-                     (tf.TensorSpec([None], tf.bool, "exclude_seen"), tf.constant([True]))]
-            context = [f for f in features if self._owners.get(f) != "item"]
-            out["recommend"] = signature_function(self._recommend, ids[:1], knobs + self._feature_specs(context))
-        return out
+        knobs = [(tf.TensorSpec([None], tf.int32, "k"), tf.constant([DEFAULT_K], tf.int32)),
+                 (tf.TensorSpec([None], tf.bool, "exclude_seen"), tf.constant([True]))]
+        context = [f for f in features if self._owners.get(f) != "item"]
+        recommend = signature_function(self._recommend, ids[:1], knobs + self._feature_specs(context))
+        return {"serving_default": serving_default, "regress": regress, "classify": classify,
+                "transform_features": transform_features, "recommend": recommend}
 
     def _parse(self, serialized: tf.Tensor) -> Dict[str, tf.Tensor]:
         return tf.io.parse_example(serialized, self._request_spec)
@@ -294,17 +286,15 @@ def serving_inputs(examples: List[bytes], categorical: List[str], numeric: List[
     return out
 
 
-def write_warmup(saved_model_dir: str, examples: List[bytes], categorical: List[str], numeric: List[str],
-                 recommend: bool = True) -> None:
+def write_warmup(saved_model_dir: str, examples: List[bytes], categorical: List[str], numeric: List[str]) -> None:
     """A TF Serving warmup file, so a fresh version's first real request is not slow: a serving_default
-    request with features, one with ids alone, and (where the version has it) a recommend request."""
+    request with features, one with ids alone, and a recommend request."""
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     inputs = serving_inputs(examples[:WARMUP_EXAMPLES], categorical, numeric)
     requests = [("serving_default", inputs),
-                ("serving_default", {F.USER_ID: inputs[F.USER_ID], F.ITEM_ID: inputs[F.ITEM_ID]})]
-    if recommend:
-        requests.append(("recommend", {F.USER_ID: inputs[F.USER_ID]}))
+                ("serving_default", {F.USER_ID: inputs[F.USER_ID], F.ITEM_ID: inputs[F.ITEM_ID]}),
+                ("recommend", {F.USER_ID: inputs[F.USER_ID]})]
     path = os.path.join(saved_model_dir, WARMUP_FILE)
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.TFRecordWriter(path) as writer:

@@ -64,7 +64,7 @@ def side_table_columns(data_dir: str) -> Dict[str, List[str]]:
     return out
 
 
-class _Table:
+class IdTable:
     """Ids in order of first appearance with their newest interaction's time and features."""
 
     def __init__(self, categorical: List[str], numeric: List[str]):
@@ -135,7 +135,7 @@ class _Table:
 
     @classmethod
     def from_arrow(cls, table: pa.Table, key: str, categorical: List[str], numeric: List[str],
-                   defaults: Dict[str, float]) -> "_Table":
+                   defaults: Dict[str, float]) -> "IdTable":
         out = cls(categorical, numeric)
         ids = table.column(key).to_pylist()
         out.rows = {k: i for i, k in enumerate(ids)}
@@ -160,8 +160,8 @@ class FeatureSnapshot:
         self.side_columns = {k: list(v) for k, v in side_columns.items()}
         by = {kind: ([f for f in self.categorical if owner_of(f, self.side_columns) == kind],
                      [f for f in self.numeric if owner_of(f, self.side_columns) == kind]) for kind in KINDS}
-        self.users = _Table(*by["user"])
-        self.items = _Table(*by["item"])
+        self.users = IdTable(*by["user"])
+        self.items = IdTable(*by["item"])
         self._pairs: List[np.ndarray] = [np.zeros(0, np.int64)]
         self.span: Optional[int] = None
 
@@ -247,9 +247,9 @@ class FeatureSnapshot:
             with tf.io.gfile.GFile(os.path.join(directory, name), "rb") as f:
                 return pq.read_table(pa.BufferReader(f.read()))
 
-        out.users = _Table.from_arrow(read(USERS), F.USER_ID, out.users.categorical, out.users.numeric,
+        out.users = IdTable.from_arrow(read(USERS), F.USER_ID, out.users.categorical, out.users.numeric,
                                       meta["defaults"]["user"])
-        out.items = _Table.from_arrow(read(ITEMS), F.ITEM_ID, out.items.categorical, out.items.numeric,
+        out.items = IdTable.from_arrow(read(ITEMS), F.ITEM_ID, out.items.categorical, out.items.numeric,
                                       meta["defaults"]["item"])
         out._pairs = [read(SEEN).column("pair").to_numpy()]
         out.span = meta["span"]

@@ -14,7 +14,7 @@ from typing import Dict, List
 import numpy as np
 import tensorflow as tf
 
-from models.feature_snapshot import FeatureSnapshot, _Table
+from models.feature_snapshot import FeatureSnapshot, IdTable
 
 
 def _id_table(ids: List[bytes], path: str) -> tf.lookup.StaticHashTable:
@@ -32,11 +32,10 @@ def _id_table(ids: List[bytes], path: str) -> tf.lookup.StaticHashTable:
 class IdFeatures(tf.Module):
     """One kind of id (users or items): its rows and the features of each."""
 
-    def __init__(self, kind: str, table: _Table, asset_dir: str):
+    def __init__(self, kind: str, table: IdTable, asset_dir: str):
         super().__init__(name=f"{kind}_features")
         self.size = len(table)
         self.table = _id_table(table.ids(), os.path.join(asset_dir, f"{kind}_ids.txt"))
-        self.features = list(table.categorical) + list(table.numeric)
         self.values = {}
         for f in table.categorical:
             self.values[f] = tf.Variable(np.append(table.values[f], b"").astype(object), trainable=False,

@@ -318,8 +318,7 @@ def run_fn(fn_args: FnArgs) -> None:
         tf.saved_model.save(module, fn_args.serving_model_dir, signatures=module.signatures())
     snapshot.save(run.features_dir, span)
     warmup = next(iter_record_batches(fn_args.eval_files if has_eval else fn_args.train_files, export.WARMUP_EXAMPLES))
-    export.write_warmup(fn_args.serving_model_dir, warmup, categorical, numeric,
-                        recommend=module.index is not None)
+    export.write_warmup(fn_args.serving_model_dir, warmup, categorical, numeric)
     phases.done("export")
 
     if reservoir is not None:
