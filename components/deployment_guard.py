@@ -81,16 +81,16 @@ def example_patterns(examples: types.Artifact) -> List[str]:
 
 
 def server_scorer(client, model_name: str, label: str, categorical, numeric, ids_only: bool = True):
-    """Click probabilities from gRPC Predict on a version label. With `ids_only`, the request carries only
-    the ids and the version looks the features up in its snapshot, as a client calling with ids alone gets
-    them; a version without a snapshot (pushed before there was one) is sent the logged features."""
+    """Click probabilities from gRPC Predict on a version label, for (records, users, items) of a batch. With
+    `ids_only`, the request carries only the ids and the version looks the features up in its snapshot, as a
+    client calling with ids alone gets them; a version without a snapshot (pushed before there was one) is
+    sent the logged features."""
     import grpc
 
     logged = {"on": not ids_only}
 
-    def score(records: List[bytes]) -> np.ndarray:
+    def score(records: List[bytes], users: np.ndarray, items: np.ndarray) -> np.ndarray:
         if not logged["on"]:
-            users, items, _ = export.ids_and_labels(records)
             try:
                 out = client.predict(model_name, {F.USER_ID: users, F.ITEM_ID: items}, label=label)
                 return np.asarray(out["probability"]).ravel()
@@ -103,22 +103,34 @@ def server_scorer(client, model_name: str, label: str, categorical, numeric, ids
     return score
 
 
-def saved_model_scorer(path: str, ids_only: bool = True):
-    signatures = tf.saved_model.load(path).signatures
+def saved_model_scorer(signatures, ids_only: bool = True):
+    """Click probabilities from a loaded SavedModel's signatures, for (records, users, items) of a batch."""
     if ids_only and "recommend" in signatures:  # a version with a feature snapshot
-        def score(records):
-            users, items, _ = export.ids_and_labels(records)
+        def score(records, users, items):
             out = export.call_signature(signatures["serving_default"], user_id=tf.constant(users),
                                         item_id=tf.constant(items))
             return out["probability"].numpy().ravel()
         return score
     regress = signatures["regress"]
-    return lambda records: regress(inputs=tf.constant(records))["outputs"].numpy().ravel()
+    return lambda records, users, items: regress(inputs=tf.constant(records))["outputs"].numpy().ravel()
+
+
+class LoadedVersions:
+    """Each version's SavedModel signatures, loaded once for everything one guard run scores with them."""
+
+    def __init__(self, state: DeploymentState):
+        self.state, self._loaded = state, {}
+
+    def __call__(self, version: int):
+        if version not in self._loaded:
+            self._loaded[version] = tf.saved_model.load(self.state.version_dir(version)).signatures
+        return self._loaded[version]
 
 
 def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[str], client=None, categorical=(),
                 numeric=(), max_rows: Optional[int] = None, seed: int = 0,
-                positives: Optional[live_ranking.PositiveSample] = None):
+                positives: Optional[live_ranking.PositiveSample] = None,
+                loaded: Optional[LoadedVersions] = None):
     """(report, labels, {name: scores}): the AUC on the span of each (name, server label, version[, ids_only]),
     scored batch by batch as the records stream past.
 
@@ -129,28 +141,31 @@ def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[st
     """
     out: Dict[str, Optional[float]] = {"measured_by": "server" if client is not None else "saved_model"}
     scorers = {}
+    loaded = loaded or LoadedVersions(state)
     for name, label, version, *mode in versions:
         ids_only = mode[0] if mode else True
-        path = state.version_dir(version)
         out[name] = None
-        if path is not None:
+        if state.version_dir(version) is not None:
             scorers[name] = (server_scorer(client, state.model_name, label, categorical, numeric, ids_only)
-                             if client is not None else saved_model_scorer(path, ids_only))
+                             if client is not None else saved_model_scorer(loaded(version), ids_only))
     labels, scores = [], {name: [] for name in scorers}
     rows = 0
     span_rows = count_records(patterns) if max_rows else 0
     keep = min(1.0, max_rows / span_rows) if span_rows else 1.0
     rng = np.random.default_rng(seed)
     for batch in iter_record_batches(patterns, LIVE_BATCH):
+        users, items, batch_labels = export.ids_and_labels(batch)  # parsed once for every use below
         if positives is not None:
-            positives.add(*export.ids_and_labels(batch))
+            positives.add(users, items, batch_labels)
         if keep < 1.0:
-            batch = [batch[i] for i in np.flatnonzero(rng.random(len(batch)) < keep)]
-            if not batch:
+            picked = np.flatnonzero(rng.random(len(batch)) < keep)
+            if not len(picked):
                 continue
-        labels.append(export.labels(batch).astype(np.int8))
+            batch = [batch[i] for i in picked]
+            users, items, batch_labels = users[picked], items[picked], batch_labels[picked]
+        labels.append(batch_labels.astype(np.int8))
         for name, score in scorers.items():
-            scores[name].append(score(batch).astype(np.float32))
+            scores[name].append(score(batch, users, items).astype(np.float32))
         rows += len(batch)
     all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int8)
     all_scores = {name: np.concatenate(parts) for name, parts in scores.items() if parts}
@@ -162,14 +177,14 @@ def live_scores(state: DeploymentState, versions: List[tuple], patterns: List[st
 
 
 def live_ranking_of(state: DeploymentState, version: int, label: str, client,
-                    positives: live_ranking.PositiveSample) -> Optional[dict]:
+                    positives: live_ranking.PositiveSample, loaded: LoadedVersions) -> Optional[dict]:
     """Top-K metrics of `recommend` of the serving version on span N's positives (None: it has no recommend)."""
     import grpc
 
     if client is not None:
         recommend = live_ranking.server_recommender(client, state.model_name, label)
     else:
-        recommend = live_ranking.saved_model_recommender(state.version_dir(version))
+        recommend = live_ranking.saved_model_recommender(loaded(version))
         if recommend is None:
             return None
     try:
@@ -248,11 +263,13 @@ def guard(examples, anomalies, schema_path: str, state: DeploymentState, rollbac
     serving_label = versions[0][1]
     versions = versions + [("live_auc_logged_features", serving_label, serving, False)]
     positives = live_ranking.PositiveSample()
+    loaded = LoadedVersions(state)
     try:
         measured, labels, scores = live_scores(state, versions, example_patterns(examples), client, categorical,
-                                               numeric, max_live_rows, seed=span, positives=positives)
+                                               numeric, max_live_rows, seed=span, positives=positives,
+                                               loaded=loaded)
         report.update(measured)
-        report["ranking"] = live_ranking_of(state, serving, serving_label, client, positives)
+        report["ranking"] = live_ranking_of(state, serving, serving_label, client, positives, loaded)
     finally:
         if client is not None:
             client.close()

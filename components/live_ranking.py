@@ -73,13 +73,13 @@ def server_recommender(client, model_name: str, label: str):
     return recommend
 
 
-def saved_model_recommender(path: str):
-    """`recommend` of a SavedModel on disk; None when the version has none (pushed before it existed)."""
+def saved_model_recommender(signatures):
+    """`recommend` of a loaded SavedModel's signatures; None when the version has none (pushed before it
+    existed)."""
     import tensorflow as tf
 
     from models.export import call_signature
 
-    signatures = tf.saved_model.load(path).signatures
     if "recommend" not in signatures:
         return None
 
