@@ -45,6 +45,7 @@ from tfx.types import artifact_utils, component_spec, standard_artifacts
 
 from components import csv_reader, timestamps
 from models import features as F
+from models.records import SPAN_FILE
 
 REQUIRED_COLUMNS = (F.USER_ID, F.ITEM_ID, F.TIMESTAMP, F.LABEL)
 SIDE_TABLES = {"items.csv": F.ITEM_ID, "users.csv": F.USER_ID}
@@ -653,6 +654,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                  | "SplitTotals" >> beam.CombineGlobally(_add_counts)
                  | "WriteTotals" >> beam.Map(_write_json, os.path.join(examples.uri, SPLIT_ROWS_FILE)))
 
+        _write_json({"span": span}, os.path.join(examples.uri, SPAN_FILE))
         examples_utils.set_payload_format(examples, example_gen_pb2.FORMAT_TF_EXAMPLE)
         examples_utils.set_file_format(examples, "tfrecords_gzip")
         examples_utils.set_payload_format(parquet, example_gen_pb2.FORMAT_PARQUET)

@@ -75,9 +75,10 @@ class ExportModule(tf.Module):
         self.index = tfrs.layers.factorized_top_k.BruteForce(name="retrieval_index")
         # The candidate tower learnt with in-batch negatives, which are drawn as often as an item is
         # interacted with, so its score is about log p(item | user) - log p(item): the log of each item's
-        # interactions is added back (a last coordinate the query meets with a 1), which turns the score
-        # into the user's log-propensity to interact with the item.
-        prior = tf.math.log1p(tf.constant(lookup.item_counts, tf.float32))[:, tf.newaxis]
+        # recent popularity is added back (a last coordinate the query meets with a 1), which turns the
+        # score into the user's log-propensity to interact with the item now. Recent, not all-time:
+        # popularity moves from span to span (models/feature_snapshot.py, popularity_decay).
+        prior = tf.math.log1p(tf.constant(lookup.item_popularity, tf.float32))[:, tf.newaxis]
         self.index.index(tf.concat([self._catalog_embeddings(retrieval), prior], axis=1),
                          tf.range(lookup.items.size, dtype=tf.int64))
 

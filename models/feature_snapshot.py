@@ -8,7 +8,9 @@ describes, written by the Trainer):
 
 - users and items in order of first appearance (rows only ever appended), each
   with the features of its newest interaction and that interaction's time;
-- per item the number of interactions and of positive ones (popularity);
+- per item the number of interactions and of positive ones, and its recent
+  popularity: interactions with each earlier span's weighed down by
+  `popularity_decay` per span since (what recommend's popularity prior reads);
 - the (user, item) pairs seen, as row numbers: what `recommend` excludes.
 
 Whose feature is a column: the columns of `DATA/users.csv` and names starting
@@ -75,6 +77,8 @@ class IdTable:
         self.values.update({f: np.zeros(0, np.float32) for f in numeric})
         self.count = np.zeros(0, np.int64)
         self.positives = np.zeros(0, np.int64)
+        self.recent = np.zeros(0, np.float64)  # decayed interactions of the spans ended so far
+        self._span_count = np.zeros(0, np.int64)  # interactions of the span being absorbed
         # Running sums of the numeric values new ids arrived with (for unknown ids' defaults).
         self.new_sum = {f: 0.0 for f in numeric}
         self.new_rows = {f: 0 for f in numeric}
@@ -93,6 +97,8 @@ class IdTable:
         self.ts = np.concatenate([self.ts, np.full(extra, np.iinfo(np.int64).min)])
         self.count = np.concatenate([self.count, np.zeros(extra, np.int64)])
         self.positives = np.concatenate([self.positives, np.zeros(extra, np.int64)])
+        self.recent = np.concatenate([self.recent, np.zeros(extra, np.float64)])
+        self._span_count = np.concatenate([self._span_count, np.zeros(extra, np.int64)])
         for f in self.categorical:
             self.values[f] = np.concatenate([self.values[f], np.full(extra, b"", object)])
         for f in self.numeric:
@@ -110,6 +116,7 @@ class IdTable:
             self.new_sum[f] += float(fresh.sum())
             self.new_rows[f] += len(fresh)
         np.add.at(self.count, rows, 1)
+        np.add.at(self._span_count, rows, 1)
         np.add.at(self.positives, rows, labels.astype(np.int64))
         order = np.argsort(ts, kind="stable")  # fancy assignment keeps the last of duplicates: the newest
         rows_o, ts_o = rows[order], ts[order]
@@ -119,8 +126,11 @@ class IdTable:
             self.values[f][rows_o[newer]] = values[order][newer]
         return rows
 
-    def end_span(self) -> None:
-        """New ids of this span set the defaults for unknown ids."""
+    def end_span(self, decay: float) -> None:
+        """Earlier spans' popularity weighs `decay` (per span since) beside this span's interactions;
+        new ids of this span set the defaults for unknown ids."""
+        self.recent = self.recent * decay + self._span_count
+        self._span_count = np.zeros_like(self._span_count)
         for f in self.numeric:
             if self.new_rows[f]:
                 self.defaults[f] = self.new_sum[f] / self.new_rows[f]
@@ -128,7 +138,7 @@ class IdTable:
 
     def to_arrow(self, key: str) -> pa.Table:
         data = {key: pa.array(self.ids(), pa.binary()), "_ts": self.ts, "_count": self.count,
-                "_positives": self.positives}
+                "_positives": self.positives, "_recent": self.recent}
         data.update({f: pa.array(self.values[f].tolist(), pa.binary()) for f in self.categorical})
         data.update({f: self.values[f] for f in self.numeric})
         return pa.table(data)
@@ -142,6 +152,10 @@ class IdTable:
         out.ts = table.column("_ts").to_numpy().copy()
         out.count = table.column("_count").to_numpy().copy()
         out.positives = table.column("_positives").to_numpy().copy()
+        # Snapshots written before recent popularity was kept: every interaction counts in full.
+        out.recent = (table.column("_recent").to_numpy().astype(np.float64) if "_recent" in table.column_names
+                      else out.count.astype(np.float64))
+        out._span_count = np.zeros(len(ids), np.int64)
         for f in categorical:
             out.values[f] = np.array(table.column(f).to_pylist() if f in table.column_names else [b""] * len(ids),
                                      dtype=object)
@@ -189,9 +203,13 @@ class FeatureSnapshot:
             if len(self._pairs) > 16:
                 self._pairs = [np.unique(np.concatenate(self._pairs))]
 
-    def end_span(self, span: int) -> None:
-        self.users.end_span()
-        self.items.end_span()
+    def end_span(self, span: int, popularity_decay: float) -> None:
+        """Closes `span`: popularity from the snapshot's span decays once per span in between."""
+        if self.span is not None and span <= self.span:
+            raise ValueError(f"span {span} folded into a feature snapshot of span {self.span}")
+        decay = popularity_decay ** (span - self.span) if self.span is not None else 1.0
+        self.users.end_span(decay)
+        self.items.end_span(decay)
         self.span = span
 
     def seen_pairs(self) -> np.ndarray:

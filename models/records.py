@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -35,6 +35,20 @@ def read_records(patterns: List[str]) -> List[bytes]:
 
 
 SPLIT_ROWS_FILE = "split_rows.json"  # written by SpanExampleGen next to its Split-* directories
+SPAN_FILE = "span.json"  # the span an Examples artifact holds, also written by SpanExampleGen
+
+
+def patterns_by_span(patterns: List[str]) -> Optional[Dict[int, List[str]]]:
+    """`<examples>/Split-<name>/*` patterns grouped by the span of their Examples artifact; None where an
+    artifact does not say its span (one from before SpanExampleGen wrote it, or not SpanExampleGen's)."""
+    out: Dict[int, List[str]] = {}
+    for pattern in patterns:
+        path = os.path.join(os.path.dirname(os.path.dirname(pattern)), SPAN_FILE)
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path) as f:
+            out.setdefault(int(json.load(f)["span"]), []).append(pattern)
+    return dict(sorted(out.items()))
 
 
 def count_records(patterns: List[str]) -> int:

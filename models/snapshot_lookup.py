@@ -60,7 +60,7 @@ class SnapshotLookup(tf.Module):
         tf.io.gfile.makedirs(asset_dir)
         self.users = IdFeatures("user", snapshot.users, asset_dir)
         self.items = IdFeatures("item", snapshot.items, asset_dir)
-        self.item_counts = snapshot.items.count.astype(np.float32)  # interactions per catalog item (export only)
+        self.item_popularity = snapshot.items.recent.astype(np.float32)  # decayed interactions (export only)
         self.item_ids = tf.Variable(np.array(snapshot.items.ids(), dtype=object), trainable=False,
                                     dtype=tf.string, name="catalog")
         splits, seen = snapshot.seen_by_user()

@@ -25,7 +25,7 @@ from tensorflow_metadata.proto.v0 import schema_pb2  # noqa: E402
 from models import catch_up, export, features as F, ranking_model, replay, retrieval_model, spans, warm_start  # noqa: E402
 from models.feature_snapshot import FeatureSnapshot, owner_of, side_table_columns  # noqa: E402
 from models.snapshot_lookup import SnapshotLookup  # noqa: E402
-from models.records import count_records, iter_record_batches, record_dataset  # noqa: E402
+from models.records import count_records, iter_record_batches, patterns_by_span, record_dataset  # noqa: E402
 from models.preprocessing import vocabulary_assets  # noqa: E402
 from models.training import TrainingRun, TrainingSettings  # noqa: E402
 
@@ -229,6 +229,18 @@ class _Phases:
         self._last = now
 
 
+def build_snapshot(run: TrainingRun, span: int, patterns: List[str], snapshot: FeatureSnapshot) -> FeatureSnapshot:
+    """Folds this run's examples into `snapshot`: incremental, this span's into the newest earlier
+    snapshot; full, every span's in span order, so popularity decays as it would have span by span."""
+    by_span = patterns_by_span(patterns) if run.mode == "full" else None
+    if not by_span:
+        by_span = {span: patterns}  # incremental, or artifacts that do not say their span: all as this span
+    for each, files in by_span.items():
+        snapshot.absorb(iter_record_batches(files, TRANSFORM_BATCH))
+        snapshot.end_span(each, run.settings.popularity_decay)
+    return snapshot
+
+
 def run_fn(fn_args: FnArgs) -> None:
     run = TrainingRun.from_custom_config(fn_args.custom_config)  # every setting checked; no defaults here
     settings = run.settings
@@ -304,11 +316,9 @@ def run_fn(fn_args: FnArgs) -> None:
 
     categorical, numeric = spec.categorical, spec.numeric
     side_columns = side_table_columns(run.data_dir)
-    # Incremental: the newest earlier snapshot plus this span. Full: every span's files are here.
-    snapshot = (FeatureSnapshot.before(run.features_dir, span, categorical, numeric, side_columns)
-                if run.mode == "incremental" else FeatureSnapshot(categorical, numeric, side_columns))
-    snapshot.absorb(iter_record_batches(list(fn_args.train_files) + list(fn_args.eval_files), TRANSFORM_BATCH))
-    snapshot.end_span(span)
+    snapshot = build_snapshot(run, span, list(fn_args.train_files) + list(fn_args.eval_files),
+                              FeatureSnapshot.before(run.features_dir, span, categorical, numeric, side_columns)
+                              if run.mode == "incremental" else FeatureSnapshot(categorical, numeric, side_columns))
     phases.done("feature_snapshot")
 
     with tempfile.TemporaryDirectory() as assets:

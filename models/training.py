@@ -88,6 +88,7 @@ TRAINING_RULES: Dict[str, Rule] = {
     "epochs": int_rule(1),
     "replay_fraction": number_rule(">= 0", lambda v: v >= 0),
     "replay_capacity": int_rule(0),
+    "popularity_decay": number_rule("in [0, 1]", lambda v: 0 <= v <= 1),
     "distillation_weight": FRACTION,
     "seed": int_rule(0),
     "flip_train_labels": BOOL,
@@ -166,6 +167,11 @@ class TrainingSettings:
     epochs: int = 2
     replay_fraction: float = 0.2  # replay sample size, as a fraction of span N's training rows
     replay_capacity: int = 50_000  # reservoir size (examples kept from earlier spans)
+    # recommend's popularity prior counts an earlier span's interactions at this weight per span since
+    # (1: all history alike, 0: the newest span alone). Measured on the bundled data sets' spans, the
+    # most popular items by 0.25-decayed counts find 1.6x (MovieTweetings) and 1.2x (MovieLens) the
+    # next span's positives that all-history counts find (README, "How recommend picks").
+    popularity_decay: float = 0.25
     distillation_weight: float = 0.0  # blend of the serving model's probability into the training target
     seed: int = 7
     # Fault injection for tests of the gates: train on flipped labels.

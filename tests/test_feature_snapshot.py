@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+import pyarrow.parquet as pq
+import pytest
 import tensorflow as tf
 
 from models.feature_snapshot import FeatureSnapshot, owner_of, side_table_columns
@@ -47,7 +50,7 @@ def test_newest_features_counts_and_pairs_carry_across_spans(tmp_path):
     snapshot = FeatureSnapshot(CATEGORICAL, NUMERIC, SIDE)
     # Out of time order and in two batches: the newest row still wins.
     snapshot.absorb([[span1[1]], [span1[0], span1[2]]])
-    snapshot.end_span(1)
+    snapshot.end_span(1, 0.5)
     snapshot.save(str(tmp_path), 1)
 
     later = FeatureSnapshot.before(str(tmp_path), 2, CATEGORICAL, NUMERIC, SIDE)
@@ -55,7 +58,7 @@ def test_newest_features_counts_and_pairs_carry_across_spans(tmp_path):
                            item_history=0.69),
                    example("u2", "i3", 40, 1, country=["fr"], age=51.0, user_history=0.69, genres=[],
                            item_history=0.0)]])
-    later.end_span(2)
+    later.end_span(2, 0.5)
     later.save(str(tmp_path), 2)
     loaded = FeatureSnapshot.load(str(tmp_path / "after-span-2"), CATEGORICAL, NUMERIC, SIDE)
 
@@ -67,6 +70,8 @@ def test_newest_features_counts_and_pairs_carry_across_spans(tmp_path):
     assert items.values["genres"][items.rows[b"i1"]] == b"Drama|War"
     assert "genres" not in users.values and "age" not in items.values
     assert items.count.tolist() == [2, 2, 1] and items.positives.tolist() == [1, 2, 1]
+    # Recent popularity: span 1's interactions at half weight beside span 2's.
+    assert items.recent.tolist() == [0.5 * 1 + 1, 0.5 * 2 + 0, 0.5 * 0 + 1]
     splits, seen = loaded.seen_by_user()
     by_user = {users.ids()[u]: sorted(items.ids()[i] for i in seen[splits[u]:splits[u + 1]]) for u in range(3)}
     assert by_user == {b"u1": [b"i1", b"i2"], b"u2": [b"i1", b"i3"], b"u3": [b"i2"]}
@@ -77,13 +82,40 @@ def test_newest_features_counts_and_pairs_carry_across_spans(tmp_path):
 def test_a_rerun_of_a_span_starts_from_the_snapshot_before_it(tmp_path):
     first = FeatureSnapshot(CATEGORICAL, NUMERIC, SIDE)
     first.absorb([[example("u1", "i1", 10, 1, country=["de"], age=30.0)]])
-    first.end_span(1)
+    first.end_span(1, 0.5)
     first.save(str(tmp_path), 1)
     for _ in range(2):  # span 2 twice: the second run must not count span 2's rows twice
         again = FeatureSnapshot.before(str(tmp_path), 2, CATEGORICAL, NUMERIC, SIDE)
         again.absorb([[example("u1", "i1", 20, 1, country=["de"], age=30.0)]])
-        again.end_span(2)
+        again.end_span(2, 0.5)
         again.save(str(tmp_path), 2)
     loaded = FeatureSnapshot.load(str(tmp_path / "after-span-2"), CATEGORICAL, NUMERIC, SIDE)
-    assert loaded.items.count.tolist() == [2]
+    assert loaded.items.count.tolist() == [2] and loaded.items.recent.tolist() == [0.5 + 1]
     assert np.isnan(loaded.users.values["user_history"][0])  # never logged: no value
+
+
+def test_popularity_decays_once_per_span_in_between(tmp_path):
+    """A span with no snapshot of its own (a skipped day) still counts as a span of decay."""
+    first = FeatureSnapshot(CATEGORICAL, NUMERIC, SIDE)
+    first.absorb([[example("u1", "i1", 10, 1), example("u2", "i1", 11, 0), example("u2", "i2", 12, 1)]])
+    first.end_span(1, 0.25)
+    first.save(str(tmp_path), 1)
+    later = FeatureSnapshot.before(str(tmp_path), 3, CATEGORICAL, NUMERIC, SIDE)
+    later.absorb([[example("u3", "i2", 30, 1)]])
+    later.end_span(3, 0.25)
+    assert later.items.recent.tolist() == [2 * 0.25 ** 2, 1 * 0.25 ** 2 + 1]
+    assert later.items.count.tolist() == [2, 2]  # all-time counts do not decay
+    with pytest.raises(ValueError, match="span 2 folded into a feature snapshot of span 3"):
+        later.end_span(2, 0.25)
+
+
+def test_a_snapshot_without_recent_popularity_reads_as_undecayed(tmp_path):
+    """Snapshots saved before recent popularity was kept load with every interaction counted in full."""
+    old = FeatureSnapshot(CATEGORICAL, NUMERIC, SIDE)
+    old.absorb([[example("u1", "i1", 10, 1), example("u2", "i1", 11, 1)]])
+    old.end_span(1, 0.5)
+    directory = old.save(str(tmp_path), 1)
+    items = pq.read_table(os.path.join(directory, "items.parquet"))
+    pq.write_table(items.drop(["_recent"]), os.path.join(directory, "items.parquet"))
+    loaded = FeatureSnapshot.load(directory, CATEGORICAL, NUMERIC, SIDE)
+    assert loaded.items.recent.tolist() == [2.0]

@@ -65,3 +65,19 @@ def test_the_deployment_config_is_the_training_settings_plus_the_rest():
     assert TrainingRun.from_custom_config(run.to_custom_config()) == run
     assert set(run.to_custom_config()) - set(defaults()) == {"span", "data_dir", "replay_dir", "tensorboard_dir",
                                                                       "features_dir"}
+
+
+def test_examples_are_grouped_by_the_span_their_artifact_holds(tmp_path):
+    """Full mode folds the feature snapshot span by span; an artifact that does not say its span
+    (written before SpanExampleGen recorded it) makes the whole set one span, rather than a guess."""
+    from models.records import SPAN_FILE, patterns_by_span
+
+    patterns = []
+    for artifact, span in (("12", 3), ("7", 1)):
+        (tmp_path / artifact).mkdir()
+        (tmp_path / artifact / SPAN_FILE).write_text(json.dumps({"span": span}))
+        patterns += [str(tmp_path / artifact / "Split-train" / "*"), str(tmp_path / artifact / "Split-eval" / "*")]
+    assert patterns_by_span(patterns) == {1: patterns[2:], 3: patterns[:2]}
+    assert list(patterns_by_span(patterns)) == [1, 3]
+    (tmp_path / "old").mkdir()
+    assert patterns_by_span(patterns + [str(tmp_path / "old" / "Split-train" / "*")]) is None
