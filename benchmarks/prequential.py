@@ -52,7 +52,7 @@ DATASETS = {
 }
 MODELS = ("incremental", "full", "frozen", "popularity", "logistic_regression", "popularity_history",
           "logistic_regression_history", "gbm")
-RANKERS = ("incremental", "full", "popularity", "cooccurrence")  # models with a top-K list
+RANKERS = ("incremental", "full", "popularity", "recent_popularity", "cooccurrence")  # models with a top-K list
 RANKING_METRICS = ("recall@10", "ndcg@10", "precision@10", "recall@50", "ndcg@50")
 DEFAULT_ABLATIONS = "no_history_features,adam,no_replay,distill_0.5"
 
@@ -207,19 +207,21 @@ def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, D
                 scores = model.predict(target["inputs"])
             out[name][span] = dict(scored(target["labels"], scores, new_users), train_seconds=round(trained, 3),
                                    examples_trained=len(labels), run_seconds=round(time.time() - started, 3))
-        out.setdefault("cooccurrence", {})[span] = {}
-        for name, ranking in peer_rankings(users, items, labels, target).items():
+        row_spans = np.concatenate([np.full(len(rows[s]["users"]), s) for s in spans if s < span])
+        for name, ranking in peer_rankings(users, items, labels, row_spans, target).items():
+            out.setdefault(name, {}).setdefault(span, {})
             out[name][span]["ranking"] = ranking
     out["frozen"]["span_1_train_seconds"] = frozen_train["train_seconds"]
     return out
 
 
-def peer_rankings(users, items, labels, target: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Top-K metrics of the popularity and item co-occurrence recommenders fit on spans 1..N-1, for the same
-    users and positives the pipeline's DeploymentGuard measures `recommend` on (its user sample of span N)."""
+def peer_rankings(users, items, labels, row_spans, target: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Top-K metrics of the popularity, recent popularity (decayed as increc's prior is) and item co-occurrence
+    recommenders fit on spans 1..N-1, for the same users and positives the pipeline's DeploymentGuard
+    measures `recommend` on (its user sample of span N)."""
     import numpy as np
 
-    from benchmarks.recommenders import CoOccurrence, Popularity
+    from benchmarks.recommenders import CoOccurrence, Popularity, RecentPopularity
     from components.live_ranking import KS, PositiveSample
     from models.ranking_metrics import ranking_metrics
 
@@ -228,10 +230,14 @@ def peer_rankings(users, items, labels, target: Dict[str, Any]) -> Dict[str, Dic
                np.array([i.encode() for i in target["items"]], dtype=object), np.asarray(target["labels"]))
     wanted = sorted(sample.items)
     out = {}
-    for name, recommender in (("popularity", Popularity), ("cooccurrence", CoOccurrence)):
-        model = recommender().fit(users, items, labels)
-        out[name] = ranking_metrics(model.recommend(wanted, max(KS)), sample.items, KS)
-    return out
+    from models.training import TrainingSettings
+
+    fitted = {"popularity": Popularity().fit(users, items, labels),
+              "recent_popularity": RecentPopularity(TrainingSettings().popularity_decay).fit(users, items, labels,
+                                                                                             row_spans),
+              "cooccurrence": CoOccurrence().fit(users, items, labels)}
+    return {name: ranking_metrics(model.recommend(wanted, max(KS)), sample.items, KS)
+            for name, model in fitted.items()}
 
 
 def served_segments(run: Dict[str, Any], rows: Dict[int, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
@@ -377,7 +383,9 @@ def markdown(results: Dict[str, Any]) -> str:
         rank_cell = lambda r, m, k: fmt((r.get(m, {}).get("ranking") or {}).get(k))  # noqa: E731
         parts += ["", "Top-K on span N's positives (the same sample of at most 1,000 users for every model; "
                       "increc: the `recommend` signature of the version serving when span N arrived, seen items "
-                      "excluded; popularity and co-occurrence fit on spans 1..N-1): recall@10 / NDCG@10", "",
+                      "excluded; popularity, recent popularity (positives of span s weigh popularity_decay ** (N-1-s), "
+                      "as increc's popularity prior does) and co-occurrence fit on spans 1..N-1): "
+                      "recall@10 / NDCG@10", "",
                   markdown_table(["span", *RANKERS],
                                  [[r["span"], *[f"{rank_cell(r, m, 'recall@10')} / {rank_cell(r, m, 'ndcg@10')}"
                                                 for m in RANKERS]] for r in result["per_span"]]

@@ -7,6 +7,9 @@ new items, not repeating known ones.
 
 - Popularity: items by their number of positive interactions, ties by item
   id so runs repeat; only items with at least one positive are ranked.
+- RecentPopularity: Popularity with each positive weighted by `decay` per
+  span between its span and the newest fit span (1: Popularity; the weights
+  increc's popularity prior uses, `popularity_decay`).
 - CoOccurrence: item-to-item. X is the user x item matrix of positives,
   C = X^T X with the diagonal zeroed counts the users who liked both items,
   and cosine normalisation C_ij / sqrt(n_i n_j) (n_i: users who liked i)
@@ -17,7 +20,7 @@ new items, not repeating known ones.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -38,10 +41,15 @@ def _check_k(k: int) -> None:
 
 
 class Popularity:
-    def fit(self, users: Sequence[str], items: Sequence[str], labels: Sequence[int]) -> "Popularity":
+    def fit(self, users: Sequence[str], items: Sequence[str], labels: Sequence[int],
+            weights: Optional[Sequence[float]] = None) -> "Popularity":
         users, items, positive = _columns(users, items, labels)
+        weights = np.ones(users.size) if weights is None else np.asarray(weights, dtype=np.float64)
+        if weights.shape != users.shape:
+            raise ValueError(f"{weights.size} weights for {users.size} rows")
         # np.unique returns ids sorted, so a stable sort by count breaks ties by id.
-        ids, counts = np.unique(items[positive], return_counts=True)
+        ids, codes = np.unique(items[positive], return_inverse=True)
+        counts = np.bincount(codes, weights=weights[positive], minlength=len(ids))
         self.ranked: List[str] = ids[np.argsort(-counts, kind="stable")].tolist()
         self.seen: Dict[str, Set[str]] = {}
         for user, item in zip(users.tolist(), items.tolist()):
@@ -62,6 +70,21 @@ class Popularity:
             if item not in skip:
                 result.append(item)
         return result
+
+
+class RecentPopularity(Popularity):
+    def __init__(self, decay: float):
+        if not 0 <= decay <= 1:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        self.decay = decay
+
+    def fit(self, users: Sequence[str], items: Sequence[str], labels: Sequence[int],
+            spans: Sequence[int] = ()) -> "RecentPopularity":
+        """`spans`: each row's span; a positive of span s weighs decay ** (newest span - s)."""
+        spans = np.asarray(spans, dtype=np.int64)
+        if spans.size != len(users):
+            raise ValueError(f"{spans.size} spans for {len(users)} rows")
+        return super().fit(users, items, labels, self.decay ** (spans.max(initial=0) - spans).astype(np.float64))
 
 
 def _top_positive(scores: np.ndarray, k: int) -> List[np.ndarray]:

@@ -6,7 +6,7 @@ from math import sqrt
 import numpy as np
 import pytest
 
-from benchmarks.recommenders import CoOccurrence, Popularity
+from benchmarks.recommenders import CoOccurrence, Popularity, RecentPopularity
 
 
 def columns(rows):
@@ -31,6 +31,18 @@ def test_popularity_ranks_by_positives_ties_by_id_and_skips_seen_items():
     assert model.recommend(["u1"], 10) == {"u1": ["d", "e"]}, "fewer than k when nothing else is left"
     with pytest.raises(ValueError):
         model.recommend(["u1"], 0)
+
+
+def test_recent_popularity_weighs_older_spans_down():
+    # a: 3 positives in span 1; b: 2 in span 3 (the newest). At decay 0.5, a weighs 3 x 0.25 < 2.
+    users, items, labels = POPULARITY_LOG
+    spans = [1, 3, 1, 1, 3, 1, 2, 2, 1]
+    assert RecentPopularity(0.5).fit(users, items, labels, spans).recommend(["new"], 2) == {"new": ["b", "a"]}
+    assert RecentPopularity(1.0).fit(users, items, labels, spans).ranked == Popularity().fit(*POPULARITY_LOG).ranked
+    # At 0 only the newest span counts: b alone was liked there, then the rest tie at 0 by id.
+    assert RecentPopularity(0.0).fit(users, items, labels, spans).ranked[0] == "b"
+    with pytest.raises(ValueError):
+        RecentPopularity(0.5).fit(users, items, labels, spans[:3])
 
 
 # "pop" is liked by four users who like nothing else; x goes with y (twice) and z (once).
