@@ -300,7 +300,7 @@ def _count_seconds(values: np.ndarray, weights: Optional[np.ndarray] = None):
 def survey_range(span_file: SpanFile, byte_range, position) -> Survey:
     survey = Survey()
     extra = [c for c in span_file.header.columns if c not in REQUIRED_COLUMNS]
-    survey.kinds = {c: "" for c in extra}
+    survey.kinds = {c: "categorical" if c in F.ITEM_LIST_FEATURES else "" for c in extra}
     for batch in read_batches(span_file, byte_range, position):
         survey.bad += len(batch.bad)
         room = LISTED_BAD_ROWS - len(survey.listed_bad)

@@ -7,6 +7,9 @@ features a feature store serves at request time, logged with the interaction):
 - `user_history_mean`, `item_history_mean`: (sum of their outcomes + w * prior)
   / (count + w), w = 2 for users and 5 for items, prior = the mean outcome of
   every earlier interaction (empty while there is none);
+- `user_recent_items`: the user's last RECENT_ITEMS item ids, oldest first,
+  `|`-joined (the user's interests as they stood: a multi-valued categorical
+  feature the model pools, and the feature snapshot serves by user);
 - "earlier" is a strictly earlier timestamp: rows that share a second never
   see each other. The outcome is the rating where the source has one, else
   the label. Values are written with four decimals.
@@ -25,7 +28,7 @@ A snapshot, `DATA/history/after-span-<N>/`, is the state after span N:
 `meta.json` (rows seen, outcome total, the last second and what was known
 just before it, the bucket count) and per bucket `user-<b>-of-<B>.parquet`
 and `item-...` (id, count, sum, and the count and sum before the last
-second). Keeping "before the last second" apart lets the next batch start in
+second; users also their recent items, through and before the last second). Keeping "before the last second" apart lets the next batch start in
 the second the previous one ended, and its rows still not see each other.
 Snapshots are written under a temporary name and renamed, and never changed.
 """
@@ -46,7 +49,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import tensorflow as tf
 
-HISTORY_COLUMNS = ["user_history", "user_history_mean", "item_history", "item_history_mean"]
+from models import features as F
+
+HISTORY_COLUMNS = ["user_history", "user_history_mean", "item_history", "item_history_mean", F.USER_RECENT_ITEMS]
+RECENT_ITEMS = 10  # item ids in user_recent_items
+CATEGORICAL_HISTORY = set(F.ITEM_LIST_FEATURES)  # the others are numbers
 PRIOR_WEIGHTS = {"user": 2.0, "item": 5.0}  # pseudo-interactions at the global mean that smooth a short history
 KINDS = ("user", "item")
 DEFAULT_BUCKETS = 16
@@ -112,12 +119,16 @@ class Shard:
     sum: np.ndarray  # float64
     count_before_last: np.ndarray
     sum_before_last: np.ndarray
+    recent: np.ndarray  # object (str): the last RECENT_ITEMS items, `|`-joined (users; "" for items)
+    recent_before_last: np.ndarray  # the same strictly before the last second
 
-    COLUMNS = ("key", "count", "sum", "count_before_last", "sum_before_last")
+    COLUMNS = ("key", "count", "sum", "count_before_last", "sum_before_last", "recent", "recent_before_last")
+    TEXT = ("key", "recent", "recent_before_last")
 
     @classmethod
     def empty(cls) -> "Shard":
-        return cls(np.array([], dtype=object), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0))
+        return cls(np.array([], dtype=object), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64), np.zeros(0),
+                   np.array([], dtype=object), np.array([], dtype=object))
 
     def __len__(self) -> int:
         return len(self.key)
@@ -128,8 +139,8 @@ def shard_name(kind: str, bucket: int, buckets: int) -> str:
 
 
 def write_shard(directory: str, kind: str, bucket: int, buckets: int, shard: Shard) -> None:
-    table = pa.table({"key": pa.array(shard.key.tolist(), pa.string()),
-                      **{c: getattr(shard, c) for c in Shard.COLUMNS[1:]}})
+    table = pa.table({c: pa.array(getattr(shard, c).tolist(), pa.string()) if c in Shard.TEXT else getattr(shard, c)
+                      for c in Shard.COLUMNS})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     with tf.io.gfile.GFile(os.path.join(directory, shard_name(kind, bucket, buckets)), "wb") as f:
@@ -139,9 +150,13 @@ def write_shard(directory: str, kind: str, bucket: int, buckets: int, shard: Sha
 def read_shard(directory: str, kind: str, bucket: int, buckets: int) -> Shard:
     with tf.io.gfile.GFile(os.path.join(directory, shard_name(kind, bucket, buckets)), "rb") as f:
         table = pq.read_table(pa.BufferReader(f.read()))
-    keys = np.empty(table.num_rows, dtype=object)
-    keys[:] = table.column("key").to_pylist()
-    return Shard(keys, *(table.column(c).to_numpy() for c in Shard.COLUMNS[1:]))
+    def text(column: str) -> np.ndarray:
+        out = np.empty(table.num_rows, dtype=object)
+        # State written before recent items were kept: no item is known as recent.
+        out[:] = table.column(column).to_pylist() if column in table.column_names else ""
+        return out
+
+    return Shard(*(text(c) if c in Shard.TEXT else table.column(c).to_numpy() for c in Shard.COLUMNS))
 
 
 def bucket_of(keys: np.ndarray, buckets: int) -> np.ndarray:
@@ -186,21 +201,24 @@ class Snapshot:
     def __init__(self, path: str):
         self.path = path
         self.globals = read_meta(path)
-        self._shards: Dict[Tuple[str, int], Dict[str, Tuple[int, float]]] = {}
+        self._shards: Dict[Tuple[str, int], Dict[str, Tuple[int, float, str]]] = {}
 
-    def stats(self, kind: str, key: str) -> Tuple[int, float]:
+    def stats(self, kind: str, key: str) -> Tuple[int, float, str]:
+        """(count, outcome sum, recent items) of an id after the snapshot's last row."""
         bucket = int(bucket_of(np.array([key], dtype=object), self.globals.buckets)[0])
         if (kind, bucket) not in self._shards:
             shard = read_shard(self.path, kind, bucket, self.globals.buckets)
-            self._shards[kind, bucket] = dict(zip(shard.key.tolist(), zip(shard.count.tolist(), shard.sum.tolist())))
-        return self._shards[kind, bucket].get(key, (0, 0.0))
+            self._shards[kind, bucket] = dict(zip(shard.key.tolist(), zip(shard.count.tolist(), shard.sum.tolist(),
+                                                                          shard.recent.tolist())))
+        return self._shards[kind, bucket].get(key, (0, 0.0, ""))
 
     def features(self, user: str, item: str) -> List[str]:
         """HISTORY_COLUMNS for an interaction of `user` with `item` after the snapshot's last row."""
-        (user_count, user_sum), (item_count, item_sum) = self.stats("user", user), self.stats("item", item)
+        (user_count, user_sum, recent), (item_count, item_sum, _) = self.stats("user", user), self.stats("item", item)
         g = self.globals
         columns = feature_columns(np.array([user_count]), np.array([user_sum]), np.array([item_count]),
-                                  np.array([item_sum]), np.array([g.seen]), np.array([g.total]))
+                                  np.array([item_sum]), np.array([g.seen]), np.array([g.total]),
+                                  np.array([recent], dtype=object))
         return [c[0] for c in columns]
 
 
@@ -258,8 +276,10 @@ class TimestampTableFn(beam.CombineFn):
 # --- running stats per id ---
 
 def running_stats(shard: Shard, key: np.ndarray, ts: np.ndarray, pos: np.ndarray, outcome: np.ndarray,
-                  last: Optional[int], new_last: Optional[int]) -> Tuple[np.ndarray, np.ndarray, Shard]:
-    """Count and outcome sum of each row's id strictly before the row's second, and the shard after all rows.
+                  last: Optional[int], new_last: Optional[int], items: Optional[np.ndarray] = None
+                  ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Shard]:
+    """Count, outcome sum and (given each row's `items`) recent items of each row's id strictly before the
+    row's second, and the shard after all rows.
 
     Rows may come in any order; results are in the rows' order. `last` is the
     previous state's last second (rows there see the state as it was before
@@ -268,7 +288,8 @@ def running_stats(shard: Shard, key: np.ndarray, ts: np.ndarray, pos: np.ndarray
     held = len(shard)
     codes, uniques = pd.factorize(np.concatenate([shard.key, key]) if held else key)
     ids = len(uniques)
-    base = {name: np.zeros(ids, dtype=getattr(shard, name).dtype) for name in Shard.COLUMNS[1:]}
+    base = {name: (np.full(ids, "", dtype=object) if name in Shard.TEXT else
+                   np.zeros(ids, dtype=getattr(shard, name).dtype)) for name in Shard.COLUMNS[1:]}
     for name in base:
         base[name][:held] = getattr(shard, name)  # the shard's keys are unique: codes 0..held-1, in order
     row_code = codes[held:]
@@ -290,17 +311,66 @@ def running_stats(shard: Shard, key: np.ndarray, ts: np.ndarray, pos: np.ndarray
     added = np.bincount(c, minlength=ids).astype(np.int64)
     new = Shard(uniques.astype(object), base["count"] + added,
                 base["sum"] + np.bincount(c, weights=o, minlength=ids), base["count_before_last"],
-                base["sum_before_last"])
+                base["sum_before_last"], base["recent"], base["recent_before_last"])
     if new_last != last:
         in_last = _equals(t, new_last)
         new.count_before_last = new.count - np.bincount(c[in_last], minlength=ids)
         new.sum_before_last = new.sum - np.bincount(c[in_last], weights=o[in_last], minlength=ids)
+    out_recent = None
+    if items is not None:
+        recent = _recent_items(new, c, t, items[order], last, new_last)
+        out_recent = np.empty(n, dtype=object)
+        out_recent[order] = recent
     keep = np.argsort(new.key, kind="stable")  # ids sorted: the same bytes whatever the order rows came in
     new = Shard(*(getattr(new, name)[keep] for name in Shard.COLUMNS))
 
     out_count, out_sum = np.empty(n, np.int64), np.empty(n)
     out_count[order], out_sum[order] = count, summed
-    return out_count, out_sum, new
+    return out_count, out_sum, out_recent, new
+
+
+def _recent_items(shard: Shard, codes: np.ndarray, ts: np.ndarray, items: np.ndarray, last: Optional[int],
+                  new_last: Optional[int]) -> List[str]:
+    """Each row's user's last RECENT_ITEMS items strictly before the row's second (rows sorted by id code,
+    then time), updating the shard's recent lists (indexed by code) in place.
+
+    A loop in Python, over the rows of one bucket: a list per user, a few
+    microseconds a row.
+    """
+    out: List[str] = []
+    n = len(codes)
+    start = 0
+    while start < n:
+        code = int(codes[start])
+        end = start
+        while end < n and codes[end] == code:
+            end += 1
+        before = shard.recent_before_last[code]
+        through = shard.recent[code]
+        earlier = through.split("|") if through else []
+        pending: List[str] = []
+        second = None
+        for row in range(start, end):
+            if ts[row] != second:
+                earlier = (earlier + pending)[-RECENT_ITEMS:]
+                pending, second = [], ts[row]
+            if last is not None and ts[row] == last:
+                out.append(before)  # rows in the previous state's last second see it as it was before
+            else:
+                out.append("|".join(earlier[-RECENT_ITEMS:]))
+            pending.append(str(items[row]))
+        if new_last != last:
+            # The new last second is this batch's: what came before it is everything but its rows.
+            shard.recent_before_last[code] = "|".join((earlier if second == new_last else earlier + pending)
+                                                      [-RECENT_ITEMS:])
+        shard.recent[code] = "|".join((earlier + pending)[-RECENT_ITEMS:])
+        start = end
+    if new_last != last:
+        # Ids without rows in this batch: all they have is from before the new last second.
+        moved = np.ones(len(shard.key), dtype=bool)
+        moved[np.unique(codes)] = False
+        shard.recent_before_last[moved] = shard.recent[moved]
+    return out
 
 
 def _equals(values: np.ndarray, second: Optional[int]) -> np.ndarray:
@@ -335,8 +405,11 @@ def _pieces_by_bucket(batch: Dict[str, np.ndarray], kind: str, buckets: int) -> 
     starts = np.flatnonzero(np.diff(bucket[order], prepend=-1))
     for start, end in zip(starts, list(starts[1:]) + [len(order)]):
         rows = order[start:end]
-        yield int(bucket[rows[0]]), {"pos": batch["pos"][rows], "ts": batch["ts"][rows], "key": batch[kind][rows],
-                                     "outcome": batch["outcome"][rows]}
+        piece = {"pos": batch["pos"][rows], "ts": batch["ts"][rows], "key": batch[kind][rows],
+                 "outcome": batch["outcome"][rows]}
+        if kind == "user":
+            piece["items"] = batch["item"][rows]  # for the user's recent items
+        yield int(bucket[rows[0]]), piece
 
 
 class _RunningStatsFn(beam.DoFn):
@@ -348,20 +421,26 @@ class _RunningStatsFn(beam.DoFn):
         pieces = [p for p in pieces if p is not None]
         buckets = self.old.buckets
         shard = read_shard(self.previous, self.kind, bucket, buckets) if self.previous else Shard.empty()
+        columns = [("pos", np.int64), ("ts", np.int64), ("key", object), ("outcome", np.float64)]
+        if self.kind == "user":
+            columns.append(("items", object))
         rows = {name: np.concatenate([p[name] for p in pieces]) if pieces else np.zeros(0, dtype)
-                for name, dtype in (("pos", np.int64), ("ts", np.int64), ("key", object), ("outcome", np.float64))}
+                for name, dtype in columns}
         new_last = self.old.advance(table).last_timestamp
-        count, summed, new = running_stats(shard, rows["key"], rows["ts"], rows["pos"], rows["outcome"],
-                                           self.old.last_timestamp, new_last)
+        count, summed, recent, new = running_stats(shard, rows["key"], rows["ts"], rows["pos"], rows["outcome"],
+                                                   self.old.last_timestamp, new_last, rows.get("items"))
         write_shard(self.out_dir, self.kind, bucket, buckets, new)
         if len(count):
-            yield {"pos": rows["pos"], "ts": rows["ts"], "count": count, "sum": summed}
+            out = {"pos": rows["pos"], "ts": rows["ts"], "count": count, "sum": summed}
+            if recent is not None:
+                out["recent"] = recent
+            yield out
 
 
 # --- formatting ---
 
 def feature_columns(user_count: np.ndarray, user_sum: np.ndarray, item_count: np.ndarray, item_sum: np.ndarray,
-                    seen: np.ndarray, total: np.ndarray) -> List[List[str]]:
+                    seen: np.ndarray, total: np.ndarray, user_recent: np.ndarray) -> List[List[str]]:
     """HISTORY_COLUMNS as text, one list per column, with the arithmetic of the definition above."""
     known = seen > 0
     prior = np.divide(total, seen, out=np.zeros(len(seen)), where=known)
@@ -373,6 +452,7 @@ def feature_columns(user_count: np.ndarray, user_sum: np.ndarray, item_count: np
         means = (summed + weight * prior) / (count + weight)
         columns.append(logs[where].tolist())
         columns.append(["%.4f" % m if k else "" for m, k in zip(means.tolist(), known.tolist())])
+    columns.append(list(user_recent))
     return columns
 
 

@@ -728,8 +728,10 @@ class WritePart(beam.DoFn):
         if self.with_history:
             user, item = (_aligned(groups[kind], rows["pos"]) for kind in H.KINDS)
             seen, total = self.old.before(table, rows["ts"])
-            columns = H.feature_columns(user["count"], user["sum"], item["count"], item["sum"], seen, total)
-            lines = [f"{t},{a},{b},{c},{d}\n" for t, a, b, c, d in zip(text, *columns)]
+            columns = H.feature_columns(user["count"], user["sum"], item["count"], item["sum"], seen, total,
+                                        user["recent"])
+            columns[-1] = [_csv_field(v) for v in columns[-1]]  # item ids: quoted where they need it
+            lines = [",".join(fields) + "\n" for fields in zip(text, *columns)]
         else:
             lines = [t + "\n" for t in text]
         rank = plan.part_rank[part] + np.arange(len(text))
@@ -750,7 +752,13 @@ def _aligned(pieces, pos: np.ndarray) -> Dict[str, np.ndarray]:
     stats = H.concat(pieces)
     order = np.argsort(stats["pos"])
     at = order[np.searchsorted(stats["pos"], pos, sorter=order)]
-    return {"count": stats["count"][at], "sum": stats["sum"][at]}
+    return {name: values[at] for name, values in stats.items() if name not in ("pos", "ts")}
+
+
+def _csv_field(value: str) -> str:
+    if any(c in value for c in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
 
 
 def _write_json(value, path: str) -> None:
@@ -812,8 +820,8 @@ def _run_pipeline(options, staging: str, run: int, header: List[str], with_histo
         if with_history:
             for kind in H.KINDS:
                 stats = batches | f"{kind.title()}Stats" >> H.RunningStats(kind, previous, state_dir, old, table)
-                by_part.append(stats | f"{kind.title()}ByPart" >> beam.FlatMap(_routed, plan_side, kind,
-                                                                                ("pos", "count", "sum")))
+                named = ("pos", "count", "sum", "recent") if kind == "user" else ("pos", "count", "sum")
+                by_part.append(stats | f"{kind.title()}ByPart" >> beam.FlatMap(_routed, plan_side, kind, named))
             _ = table | "WriteMeta" >> beam.Map(_write_meta, state_dir, old)
         parts = (by_part
                  | "AllByPart" >> beam.Flatten()

@@ -20,6 +20,10 @@ NON_FEATURES = (TIMESTAMP, LABEL)
 # (the Evaluator slices on it).
 USER_IS_NEW = "user_is_new"
 MULTI_VALUE_SEPARATOR = "|"
+# Lists of item ids (`prepare`'s history features): categorical whatever the ids look like, so a span
+# whose users each have at most one numeric-looking item does not type the column as a number.
+USER_RECENT_ITEMS = "user_recent_items"
+ITEM_LIST_FEATURES = (USER_RECENT_ITEMS,)
 
 
 def index_name(feature: str) -> str:

@@ -169,8 +169,8 @@ class TrainingSettings:
     replay_capacity: int = 50_000  # reservoir size (examples kept from earlier spans)
     # recommend's popularity prior counts an earlier span's interactions at this weight per span since
     # (1: all history alike, 0: the newest span alone). Measured on the bundled data sets' spans, the
-    # most popular items by 0.25-decayed counts find 1.6x (MovieTweetings) and 1.2x (MovieLens) the
-    # next span's positives that all-history counts find (README, "How recommend picks").
+    # items with the most positives decayed 0.25 a span find 1.6x (MovieTweetings) and 1.2x (MovieLens)
+    # the next span's positives that all-history counts find (README, "How recommend picks").
     popularity_decay: float = 0.25
     distillation_weight: float = 0.0  # blend of the serving model's probability into the training target
     seed: int = 7

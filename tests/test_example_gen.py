@@ -227,3 +227,14 @@ def test_timestamps_in_another_unit_are_bad_rows_that_say_so(span_dir, tmp_path)
         run_executor(span_dir, tmp_path / "out", budget=0.001)
     assert "c.csv, line 2: timestamp 1600000000000: it looks like milliseconds" in str(error.value)
     assert "c.csv, line 3: timestamp -5 is negative" in str(error.value)
+
+
+def test_recent_item_lists_are_text_even_when_every_id_looks_like_a_number(tmp_path):
+    """A span where no user has two earlier items yet: `user_recent_items` holds single numeric ids,
+    which must still be item ids (strings), as in every later span, not a number feature."""
+    rows = [[f"u{i % 3}", str(i % 4), str(100 + i), "1", "" if i < 3 else str((i - 3) % 4)] for i in range(12)]
+    _write(tmp_path / "data" / "span-1" / "a.csv", ["user_id", "item_id", "timestamp", "label",
+                                                    "user_recent_items"], rows)
+    run_executor(tmp_path / "data", tmp_path / "out")
+    values = [f["user_recent_items"] for f in _split(tmp_path / "out", "train")]
+    assert ["0"] in values and all(isinstance(v, str) for vs in values for v in vs)

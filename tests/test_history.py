@@ -31,6 +31,7 @@ class Reference:
 
     def __init__(self):
         self.stats: Dict[str, Dict[str, Tuple[int, float]]] = {"user": {}, "item": {}}
+        self.recent: Dict[str, List[str]] = {}  # every item of each user, in time and source order
         self.seen, self.total = 0, 0.0
 
     def features(self, user: str, item: str) -> List[str]:
@@ -41,12 +42,13 @@ class Reference:
             weight = history.PRIOR_WEIGHTS[kind]
             values += [f"{math.log1p(count):.4f}",
                        "" if prior is None else f"{(summed + weight * prior) / (count + weight):.4f}"]
-        return values
+        return values + ["|".join(self.recent.get(user, [])[-history.RECENT_ITEMS:])]
 
     def add(self, user: str, item: str, outcome: float) -> None:
         for kind, key in (("user", user), ("item", item)):
             count, summed = self.stats[kind].get(key, (0, 0.0))
             self.stats[kind][key] = (count + 1, summed + outcome)
+        self.recent.setdefault(user, []).append(item)
         self.seen, self.total = self.seen + 1, self.total + outcome
 
 
@@ -247,26 +249,39 @@ def test_append_refuses_what_does_not_fit(tmp_path):
 
 def test_running_stats_exclude_the_same_second_and_carry_the_last_one():
     # Previous state: u had 2 rows (sum 7) overall, one of them (outcome 3) in its last second, 50.
+    # Items: u had a (before 50) and b (at 50).
     shard = history.Shard(np.array(["u"], dtype=object), np.array([2]), np.array([7.0]), np.array([1]),
-                          np.array([4.0]))
+                          np.array([4.0]), np.array(["a|b"], dtype=object), np.array(["a"], dtype=object))
     key = np.array(["v", "u", "u", "u", "v"], dtype=object)
     ts = np.array([60, 50, 60, 50, 70])
     pos = np.array([4, 0, 3, 1, 2])
     outcome = np.array([1.0, 5.0, 2.0, 4.0, 2.0])
-    count, summed, new = history.running_stats(shard, key, ts, pos, outcome, last=50, new_last=70)
+    items = np.array(["x", "c", "e", "d", "y"], dtype=object)
+    count, summed, recent, new = history.running_stats(shard, key, ts, pos, outcome, last=50, new_last=70,
+                                                       items=items)
     # u at 50 sees only what came before 50 (1 row, 4.0); at 60 all of 50 (2 + 2 rows, 7 + 9).
     assert count.tolist() == [0, 1, 4, 1, 1] and summed.tolist() == [0.0, 4.0, 16.0, 4.0, 1.0]
+    assert recent.tolist() == ["", "a", "a|b|c|d", "a", "x"]
     assert new.key.tolist() == ["u", "v"] and new.count.tolist() == [5, 2] and new.sum.tolist() == [18.0, 3.0]
     assert new.count_before_last.tolist() == [5, 1] and new.sum_before_last.tolist() == [18.0, 1.0]
+    assert new.recent.tolist() == ["a|b|c|d|e", "x|y"] and new.recent_before_last.tolist() == ["a|b|c|d|e", "x"]
     # Rows in any order give the same answer.
     shuffled = np.array([3, 0, 4, 1, 2])
-    again = history.running_stats(shard, key[shuffled], ts[shuffled], pos[shuffled], outcome[shuffled], 50, 70)
-    assert again[0].tolist() == count[shuffled].tolist() and again[2].key.tolist() == new.key.tolist()
+    again = history.running_stats(shard, key[shuffled], ts[shuffled], pos[shuffled], outcome[shuffled], 50, 70,
+                                  items[shuffled])
+    assert again[0].tolist() == count[shuffled].tolist() and again[3].key.tolist() == new.key.tolist()
+    assert again[2].tolist() == recent[shuffled].tolist() and again[3].recent.tolist() == new.recent.tolist()
+    # Only the newest RECENT_ITEMS are kept.
+    many = history.running_stats(history.Shard.empty(), np.array(["w"] * 12, dtype=object), np.arange(12),
+                                 np.arange(12), np.zeros(12), None, 11, np.array([f"i{k}" for k in range(12)],
+                                                                                 dtype=object))
+    assert many[2][-1] == "|".join(f"i{k}" for k in range(1, 11)) and many[3].recent[0].startswith("i2|")
 
 
 def test_snapshot_shards_round_trip_and_buckets_are_stable(tmp_path):
     shard = history.Shard(np.array(["a", "b,c", "ü"], dtype=object), np.array([1, 2, 3]), np.array([0.5, 1.5, 2.25]),
-                          np.array([1, 0, 3]), np.array([0.5, 0.0, 2.25]))
+                          np.array([1, 0, 3]), np.array([0.5, 0.0, 2.25]), np.array(["x|y", "", "z"], dtype=object),
+                          np.array(["x", "", ""], dtype=object))
     history.write_shard(str(tmp_path), "user", 3, 16, shard)
     back = history.read_shard(str(tmp_path), "user", 3, 16)
     for name in history.Shard.COLUMNS:

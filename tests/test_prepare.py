@@ -413,20 +413,20 @@ def test_history_features_see_only_strictly_earlier_interactions(tmp_path):
     rows = read_spans(tmp_path / "out")[1]
     assert [(r["user_id"], r["item_id"]) for r in rows] == [("u1", "i1"), ("u1", "i2"), ("u1", "i3"), ("u2", "i1")]
     assert history_of(rows) == [
-        ["0.0000", "", "0.0000", ""],  # nothing known yet: no count, no mean
-        # Seen: u1's rating of 5 at t=10 (prior 5). The other t=20 row is not seen.
-        ["0.6931", "5.0000", "0.0000", "5.0000"],
-        ["0.6931", "5.0000", "0.0000", "5.0000"],
-        # Seen: ratings 5, 1, 2 (prior 8/3); i1 once with 5: (5 + 5 * 8/3) / (1 + 5).
-        ["0.0000", "2.6667", "0.6931", "3.0556"],
+        ["0.0000", "", "0.0000", "", ""],  # nothing known yet: no count, no mean, no recent item
+        # Seen: u1's rating of 5 at t=10 (prior 5), of i1. The other t=20 row is not seen.
+        ["0.6931", "5.0000", "0.0000", "5.0000", "i1"],
+        ["0.6931", "5.0000", "0.0000", "5.0000", "i1"],
+        # Seen: ratings 5, 1, 2 (prior 8/3); i1 once with 5: (5 + 5 * 8/3) / (1 + 5). u2 has no items yet.
+        ["0.0000", "2.6667", "0.6931", "3.0556", ""],
     ]
     snapshot = history.newest_snapshot(str(tmp_path / "out"))
     assert snapshot.path == str(tmp_path / "out" / "history" / "after-span-1")
     assert (snapshot.globals.seen, snapshot.globals.total, snapshot.globals.last_timestamp) == (4, 12.0, 25)
-    assert snapshot.stats("user", "u1") == (3, 8.0) and snapshot.stats("item", "i1") == (2, 9.0)
+    assert snapshot.stats("user", "u1") == (3, 8.0, "i1|i2|i3") and snapshot.stats("item", "i1") == (2, 9.0, "")
     # A client asking about u1 and i1 now gets what the state says after the last interaction.
     assert snapshot.features("u1", "i1") == [
-        "1.3863", f"{(8 + 2 * 3) / (3 + 2):.4f}", "1.0986", f"{(9 + 5 * 3) / (2 + 5):.4f}"]
+        "1.3863", f"{(8 + 2 * 3) / (3 + 2):.4f}", "1.0986", f"{(9 + 5 * 3) / (2 + 5):.4f}", "i1|i2|i3"]
 
 
 def test_history_features_average_labels_when_there_are_no_ratings(tmp_path):
@@ -526,3 +526,10 @@ def test_old_timestamps_pass_with_the_flag_and_a_label_column_takes_no_threshold
     with pytest.raises(ingest.IngestError, match=r"--start 1704067200000 looks like milliseconds"):
         ingest.prepare("synthetic", None, str(tmp_path / "s"), spans=1,
                        synthetic_spec=ingest.synthetic.Spec(rows=10, users=2, items=2, start=1704067200000))
+
+
+def test_recent_items_with_commas_and_quotes_read_back_whole(tmp_path):
+    src = write(tmp_path / "log.csv", 'user_id,item_id,timestamp,label\nu,"a,1",1,1\nu,"say ""hi""",2,0\nu,c,3,1\n')
+    prepare("csv", str(src), str(tmp_path / "out"), spans=1)
+    rows = read_spans(tmp_path / "out")[1]
+    assert [r["user_recent_items"] for r in rows] == ["", "a,1", 'a,1|say "hi"']
