@@ -52,7 +52,7 @@ import tensorflow as tf
 from models import features as F
 
 HISTORY_COLUMNS = ["user_history", "user_history_mean", "item_history", "item_history_mean", F.USER_RECENT_ITEMS]
-RECENT_ITEMS = 10  # item ids in user_recent_items
+RECENT_ITEMS = F.RECENT_ITEMS  # item ids in user_recent_items
 CATEGORICAL_HISTORY = set(F.ITEM_LIST_FEATURES)  # the others are numbers
 PRIOR_WEIGHTS = {"user": 2.0, "item": 5.0}  # pseudo-interactions at the global mean that smooth a short history
 KINDS = ("user", "item")

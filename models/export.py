@@ -185,7 +185,7 @@ class ExportModule(tf.Module):
 
         # Retrieval over the whole catalog, seen items pushed to the bottom.
         query = self._query(self._transform(self._raw_from_client(dict(
-            looked_up, **user_values, **{F.USER_ID: users, F.ITEM_ID: no_item})))[F.index_name(F.USER_ID)])
+            looked_up, **user_values, **{F.USER_ID: users, F.ITEM_ID: no_item}))))
         # Each user's seen item rows, ascending (the snapshot keeps them sorted), then rows no item has.
         seen = lookup.seen(tf.where(exclude, user_rows, -tf.ones_like(user_rows))).to_tensor(
             default_value=tf.int64.max)

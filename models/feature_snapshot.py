@@ -18,8 +18,10 @@ Whose feature is a column: the columns of `DATA/users.csv` and names starting
 `item_` to the item; any other column is request context and is not looked
 up. History features are those logged with the id's newest interaction (what
 the log knew just before it), so they lag the true end-of-span value by that
-interaction. An id the snapshot does not know gets, for each numeric feature,
-the mean value new ids arrived with in the newest span that had any (a new
+interaction; a user's recent items (`user_recent_items`) get that
+interaction's item added, so they do not. An id the snapshot does not know
+gets, for each numeric feature, the mean value new ids arrived with in the
+newest span that had any (a new
 user's history count is 0, its mean the global one), and no categorical value.
 """
 from __future__ import annotations
@@ -63,6 +65,16 @@ def side_table_columns(data_dir: str) -> Dict[str, List[str]]:
             header = f.readline().decode("utf-8-sig").strip()
         key = F.USER_ID if kind == "user" else F.ITEM_ID
         out[kind] = [c.strip().strip('"') for c in header.split(",") if c.strip().strip('"') != key]
+    return out
+
+
+def with_item(recent: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Each row's recent items (logged: those before the row) with the row's own item added, newest kept:
+    the list as it stands after the row, which is what the user's next request should see."""
+    sep = F.MULTI_VALUE_SEPARATOR.encode()
+    out = np.empty(len(recent), dtype=object)
+    out[:] = [sep.join(((r.split(sep) if r else []) + [i])[-F.RECENT_ITEMS:])
+              for r, i in zip(recent.tolist(), items.tolist())]
     return out
 
 
@@ -195,6 +207,9 @@ class FeatureSnapshot:
             columns.update({f: parsed[f].to_tensor(default_value=np.nan, shape=[None, 1]).numpy()[:, 0]
                             for f in self.numeric})
             ts, labels = parsed[F.TIMESTAMP].numpy(), parsed[F.LABEL].numpy()
+            for f in F.ITEM_LIST_FEATURES:
+                if f in columns:
+                    columns[f] = with_item(columns[f], parsed[F.ITEM_ID].numpy())
             users = self.users.add(parsed[F.USER_ID].numpy(), ts, labels,
                                    {f: columns[f] for f in self.users.categorical + self.users.numeric})
             items = self.items.add(parsed[F.ITEM_ID].numpy(), ts, labels,

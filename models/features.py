@@ -23,7 +23,14 @@ MULTI_VALUE_SEPARATOR = "|"
 # Lists of item ids (`prepare`'s history features): categorical whatever the ids look like, so a span
 # whose users each have at most one numeric-looking item does not type the column as a number.
 USER_RECENT_ITEMS = "user_recent_items"
+RECENT_ITEMS = 10  # item ids it holds
 ITEM_LIST_FEATURES = (USER_RECENT_ITEMS,)
+
+
+def item_rows_name(feature: str) -> str:
+    """Transformed name of an item-list feature's values as rows of the item_id vocabulary (the retrieval
+    query tower pools the candidate tower's embeddings of them)."""
+    return f"{feature}_item_index"
 
 
 def index_name(feature: str) -> str:

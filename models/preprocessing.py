@@ -33,9 +33,11 @@ def preprocessing_fn(inputs, custom_config):
     oov_buckets = int(custom_config.get("oov_buckets", DEFAULT_OOV_BUCKETS))
     outputs = {F.LABEL: tf.cast(_dense_1d(inputs[F.LABEL]), tf.int64)}
 
+    id_vocabularies = {}
     for feature in F.ID_FEATURES:
         values = _dense_1d(inputs[feature])
         path, previous_size = vocabulary.append_only_vocabulary(values, feature, store_dir, span)
+        id_vocabularies[feature] = path
         index = vocabulary.lookup(values, path, oov_buckets)
         outputs[F.index_name(feature)] = index
         if feature == F.USER_ID:
@@ -53,6 +55,10 @@ def preprocessing_fn(inputs, custom_config):
             path, _ = vocabulary.append_only_vocabulary(x.values, feature, store_dir, span)
             outputs[F.index_name(feature)] = _map_values(
                 x, lambda v, p=path: vocabulary.lookup(v, p, oov_buckets))
+            if feature in F.ITEM_LIST_FEATURES:
+                item_vocabulary = id_vocabularies[F.ITEM_ID]
+                outputs[F.item_rows_name(feature)] = _map_values(
+                    x, lambda v, p=item_vocabulary: vocabulary.lookup(v, p, oov_buckets))
         else:
             z = tft.scale_to_z_score(tf.cast(x, tf.float32))
             # A missing value becomes the mean (0 after scaling); the first value counts.

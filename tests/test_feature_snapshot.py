@@ -119,3 +119,19 @@ def test_a_snapshot_without_recent_popularity_reads_as_undecayed(tmp_path):
     pq.write_table(items.drop(["_recent"]), os.path.join(directory, "items.parquet"))
     loaded = FeatureSnapshot.load(directory, CATEGORICAL, NUMERIC, SIDE)
     assert loaded.items.recent.tolist() == [2.0]
+
+
+def test_a_users_recent_items_include_their_newest_interaction(tmp_path):
+    """Logged lists hold the items before each row; what the user's next request should see includes the
+    row's own item, oldest dropped past RECENT_ITEMS."""
+    from models import features as F
+
+    older = "|".join(f"o{k}" for k in range(F.RECENT_ITEMS))
+    snapshot = FeatureSnapshot(["user_recent_items"], [], {})
+    snapshot.absorb([[example("u1", "i9", 20, 1, user_recent_items=["a", "b"]),
+                      example("u1", "b", 10, 1, user_recent_items=["a"]),
+                      example("u2", "x", 5, 0, user_recent_items=older.split("|")),
+                      example("u3", "y", 5, 1, user_recent_items=[])]])
+    users = snapshot.users
+    recent = {u: users.values["user_recent_items"][users.rows[u]] for u in (b"u1", b"u2", b"u3")}
+    assert recent == {b"u1": b"a|b|i9", b"u2": "|".join(older.split("|")[1:] + ["x"]).encode(), b"u3": b"y"}

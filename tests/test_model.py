@@ -266,3 +266,20 @@ def test_record_counts_come_from_the_example_gen_when_it_left_them(tmp_path):
     assert count_records([pattern]) == 7  # no counts file: the records are read
     (tmp_path / "examples" / "split_rows.json").write_text('{"train": 7000000, "eval": 3}')
     assert count_records([pattern]) == 7000000, "SpanExampleGen's count is used without reading the span"
+
+
+def test_the_retrieval_query_adds_the_candidate_embeddings_of_recent_items():
+    from models import retrieval_model
+
+    model = retrieval_model.build({F.USER_ID: 5, F.ITEM_ID: 7}, 4)
+    users = tf.constant([1, 2, 3], tf.int64)
+    # User 1 recently had items 2 and 5, user 2 nothing, user 3 item 6.
+    recent = tf.SparseTensor(indices=[[0, 0], [0, 1], [2, 0]], values=tf.constant([2, 5, 6], tf.int64),
+                             dense_shape=[3, 2])
+    query = model.query({F.index_name(F.USER_ID): users, F.item_rows_name(F.USER_RECENT_ITEMS): recent}).numpy()
+    user, item = model.query_tower.embeddings.numpy(), model.candidate_tower.embeddings.numpy()
+    np.testing.assert_allclose(query[0], user[1] + (item[2] + item[5]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(query[1], user[2], rtol=1e-6)
+    np.testing.assert_allclose(query[2], user[3] + item[6], rtol=1e-6)
+    # Data without recent items: the user's embedding alone.
+    np.testing.assert_allclose(model.query({F.index_name(F.USER_ID): users}).numpy(), user[[1, 2, 3]], rtol=1e-6)
