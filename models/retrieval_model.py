@@ -20,8 +20,9 @@ from models import features as F
 
 
 class RetrievalModel(tfrs.models.Model):
-    def __init__(self, user_rows: int, item_rows: int, dim: int):
+    def __init__(self, user_rows: int, item_rows: int, dim: int, recent_items: bool = True):
         super().__init__(name="retrieval_model")
+        self.recent_items = recent_items  # pool the user's recent items into the query (TrainingSettings)
         self.query_tower = tf.keras.layers.Embedding(user_rows, dim, name="retrieval_user_embedding")
         self.candidate_tower = tf.keras.layers.Embedding(item_rows, dim, name="retrieval_item_embedding")
         # The same item twice in a batch is not its own negative.
@@ -35,7 +36,7 @@ class RetrievalModel(tfrs.models.Model):
         so "recently watched X" points at items near X, and a user the id table has not learnt (new,
         or with few rows) is placed by what they watched."""
         query = self.query_tower(features[F.index_name(F.USER_ID)])
-        for feature in F.ITEM_LIST_FEATURES:
+        for feature in F.ITEM_LIST_FEATURES if self.recent_items else ():
             items = features.get(F.item_rows_name(feature))
             if items is None:
                 continue
@@ -61,8 +62,8 @@ class RetrievalModel(tfrs.models.Model):
         return tf.reduce_sum(self.query(features) * self.candidates(features[F.index_name(F.ITEM_ID)]), axis=1)
 
 
-def build(vocab_rows: Dict[str, int], dim: int) -> RetrievalModel:
-    return RetrievalModel(vocab_rows[F.USER_ID], vocab_rows[F.ITEM_ID], dim)
+def build(vocab_rows: Dict[str, int], dim: int, recent_items: bool = True) -> RetrievalModel:
+    return RetrievalModel(vocab_rows[F.USER_ID], vocab_rows[F.ITEM_ID], dim, recent_items)
 
 
 def weights_by_name(model: RetrievalModel) -> Dict[str, tf.Variable]:

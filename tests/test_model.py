@@ -283,3 +283,10 @@ def test_the_retrieval_query_adds_the_candidate_embeddings_of_recent_items():
     np.testing.assert_allclose(query[2], user[3] + item[6], rtol=1e-6)
     # Data without recent items: the user's embedding alone.
     np.testing.assert_allclose(model.query({F.index_name(F.USER_ID): users}).numpy(), user[[1, 2, 3]], rtol=1e-6)
+
+
+def test_recent_items_are_left_out_unless_the_setting_asks_for_them():
+    rows = {F.USER_ID: 5, F.ITEM_ID: 7, F.USER_RECENT_ITEMS: 9}
+    off = ranking_model.ModelSpec.of(TrainingSettings(), rows, [F.USER_RECENT_ITEMS], [])
+    on = ranking_model.ModelSpec.of(TrainingSettings(recent_items=True), rows, [F.USER_RECENT_ITEMS], [])
+    assert F.USER_RECENT_ITEMS in off.ignored_features and F.USER_RECENT_ITEMS not in on.ignored_features
