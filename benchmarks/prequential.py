@@ -224,14 +224,12 @@ def peer_rankings(users, items, labels, row_spans, target: Dict[str, Any]) -> Di
     from benchmarks.recommenders import CoOccurrence, Popularity, RecentPopularity
     from components.live_ranking import KS, PositiveSample
     from models.ranking_metrics import ranking_metrics
+    from models.training import TrainingSettings
 
     sample = PositiveSample()
     sample.add(np.array([u.encode() for u in target["users"]], dtype=object),
                np.array([i.encode() for i in target["items"]], dtype=object), np.asarray(target["labels"]))
     wanted = sorted(sample.items)
-    out = {}
-    from models.training import TrainingSettings
-
     fitted = {"popularity": Popularity().fit(users, items, labels),
               "recent_popularity": RecentPopularity(TrainingSettings().popularity_decay).fit(users, items, labels,
                                                                                              row_spans),

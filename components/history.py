@@ -28,8 +28,9 @@ A snapshot, `DATA/history/after-span-<N>/`, is the state after span N:
 `meta.json` (rows seen, outcome total, the last second and what was known
 just before it, the bucket count) and per bucket `user-<b>-of-<B>.parquet`
 and `item-...` (id, count, sum, and the count and sum before the last
-second; users also their recent items, through and before the last second). Keeping "before the last second" apart lets the next batch start in
-the second the previous one ended, and its rows still not see each other.
+second; users also their recent items, through and before the last second).
+Keeping "before the last second" apart lets the next batch start in the
+second the previous one ended, and its rows still not see each other.
 Snapshots are written under a temporary name and renamed, and never changed.
 """
 from __future__ import annotations
@@ -53,7 +54,6 @@ from models import features as F
 
 HISTORY_COLUMNS = ["user_history", "user_history_mean", "item_history", "item_history_mean", F.USER_RECENT_ITEMS]
 RECENT_ITEMS = F.RECENT_ITEMS  # item ids in user_recent_items
-CATEGORICAL_HISTORY = set(F.ITEM_LIST_FEATURES)  # the others are numbers
 PRIOR_WEIGHTS = {"user": 2.0, "item": 5.0}  # pseudo-interactions at the global mean that smooth a short history
 KINDS = ("user", "item")
 DEFAULT_BUCKETS = 16
@@ -337,6 +337,7 @@ def _recent_items(shard: Shard, codes: np.ndarray, ts: np.ndarray, items: np.nda
     A loop in Python, over the rows of one bucket: a list per user, a few
     microseconds a row.
     """
+    sep = F.MULTI_VALUE_SEPARATOR
     out: List[str] = []
     n = len(codes)
     start = 0
@@ -345,25 +346,23 @@ def _recent_items(shard: Shard, codes: np.ndarray, ts: np.ndarray, items: np.nda
         end = start
         while end < n and codes[end] == code:
             end += 1
-        before = shard.recent_before_last[code]
         through = shard.recent[code]
-        earlier = through.split("|") if through else []
-        pending: List[str] = []
-        second = None
+        earlier = through.split(sep) if through else []  # at most RECENT_ITEMS, oldest first
+        pending: List[str] = []  # the items of the current second, which its rows do not see
+        second, visible = None, ""
         for row in range(start, end):
             if ts[row] != second:
                 earlier = (earlier + pending)[-RECENT_ITEMS:]
                 pending, second = [], ts[row]
-            if last is not None and ts[row] == last:
-                out.append(before)  # rows in the previous state's last second see it as it was before
-            else:
-                out.append("|".join(earlier[-RECENT_ITEMS:]))
+                # Rows in the previous state's last second see that state as it was before the second.
+                visible = shard.recent_before_last[code] if ts[row] == last else sep.join(earlier)
+            out.append(visible)
             pending.append(str(items[row]))
         if new_last != last:
             # The new last second is this batch's: what came before it is everything but its rows.
-            shard.recent_before_last[code] = "|".join((earlier if second == new_last else earlier + pending)
+            shard.recent_before_last[code] = sep.join((earlier if second == new_last else earlier + pending)
                                                       [-RECENT_ITEMS:])
-        shard.recent[code] = "|".join((earlier + pending)[-RECENT_ITEMS:])
+        shard.recent[code] = sep.join((earlier + pending)[-RECENT_ITEMS:])
         start = end
     if new_last != last:
         # Ids without rows in this batch: all they have is from before the new last second.

@@ -730,7 +730,7 @@ class WritePart(beam.DoFn):
             seen, total = self.old.before(table, rows["ts"])
             columns = H.feature_columns(user["count"], user["sum"], item["count"], item["sum"], seen, total,
                                         user["recent"])
-            columns[-1] = [_csv_field(v) for v in columns[-1]]  # item ids: quoted where they need it
+            columns[-1] = [csv_field(v) for v in columns[-1]]  # item ids: quoted where they need it
             lines = [",".join(fields) + "\n" for fields in zip(text, *columns)]
         else:
             lines = [t + "\n" for t in text]
@@ -754,11 +754,6 @@ def _aligned(pieces, pos: np.ndarray) -> Dict[str, np.ndarray]:
     at = order[np.searchsorted(stats["pos"], pos, sorter=order)]
     return {name: values[at] for name, values in stats.items() if name not in ("pos", "ts")}
 
-
-def _csv_field(value: str) -> str:
-    if any(c in value for c in ',"\r\n'):
-        return '"' + value.replace('"', '""') + '"'
-    return value
 
 
 def _write_json(value, path: str) -> None:

@@ -21,8 +21,8 @@ the log knew just before it), so they lag the true end-of-span value by that
 interaction; a user's recent items (`user_recent_items`) get that
 interaction's item added, so they do not. An id the snapshot does not know
 gets, for each numeric feature, the mean value new ids arrived with in the
-newest span that had any (a new
-user's history count is 0, its mean the global one), and no categorical value.
+newest span that had any (a new user's history count is 0, its mean the
+global one), and no categorical value.
 """
 from __future__ import annotations
 

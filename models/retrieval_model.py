@@ -1,12 +1,13 @@
 """The TFRS retrieval (two-tower) model that picks `recommend`'s candidates.
 
-A query tower (the user id's embedding plus the mean of the candidate
-tower's embeddings of the user's recent items, where the data has them) and
-a candidate tower (the item id's embedding), scored by their dot product and trained with TFRS' Retrieval task
-(in-batch softmax) on the positive rows of the same batches as the ranking
-model, in the same steps. Cheap to score against a whole catalog (one matrix
-product), so it narrows a catalog of any size to a few hundred candidates that
-the ranking model then orders. Layers have fixed names: warm start matches
+A query tower (the user id's embedding, plus the mean of the candidate
+tower's embeddings of the user's recent items with the `recent_items`
+setting) and a candidate tower (the item id's embedding), scored by their
+dot product and trained with TFRS' Retrieval task (in-batch softmax) on the
+positive rows of the same batches as the ranking model, in the same steps.
+Cheap to score against a whole catalog (one matrix product), so it narrows a
+catalog of any size to a few hundred candidates that the ranking model then
+orders. Layers have fixed names: warm start matches
 weights by name, like the ranking model's.
 """
 from __future__ import annotations

@@ -102,7 +102,8 @@ def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
     import pyarrow as pa
 
     from components.example_gen import SideTable
-    from components.history import CATEGORICAL_HISTORY, HISTORY_COLUMNS, newest_snapshot
+    from components.history import HISTORY_COLUMNS, newest_snapshot
+    from models.features import ITEM_LIST_FEATURES
 
     inputs = {"user_id": np.array([u.encode() for u, _ in pairs], dtype=object),
               "item_id": np.array([i.encode() for _, i in pairs], dtype=object)}
@@ -122,7 +123,7 @@ def inputs_for(config, pairs: List[tuple]) -> Dict[str, np.ndarray]:
     if snapshot is not None:
         rows = [snapshot.features(user, item) for user, item in pairs]
         for i, column in enumerate(HISTORY_COLUMNS):
-            if column in CATEGORICAL_HISTORY:
+            if column in ITEM_LIST_FEATURES:  # text; the other history features are numbers
                 inputs[column] = np.array([r[i].encode() for r in rows], dtype=object)
             else:
                 inputs[column] = np.array([float(r[i]) if r[i] else np.nan for r in rows], dtype=np.float32)
