@@ -837,7 +837,8 @@ def _run_pipeline(options, staging: str, run: int, header: List[str], with_histo
     return report
 
 
-def _options(beam_args: Sequence[str]):
+def beam_options(beam_args: Sequence[str]):
+    """Beam's PipelineOptions for `beam_args`, and whether they select the local DirectRunner (the default)."""
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
     options = PipelineOptions(list(beam_args))
@@ -1012,7 +1013,7 @@ def prepare(fmt: str, input_path: Optional[str], out_dir: str, spans: Optional[i
     if existing.manifest is not None and existing.manifest.get("columns", columns) != columns:
         raise IngestError(f"{input_path}: its columns ({', '.join(columns)}) differ from those of the spans in "
                           f"{out_dir} ({', '.join(existing.manifest['columns'])})")
-    options, direct = _options(beam_args)
+    options, direct = beam_options(beam_args)
 
     created = not tf.io.gfile.exists(out_dir)
     staging = os.path.join(out_dir, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")

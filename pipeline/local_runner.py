@@ -230,6 +230,7 @@ def _run_pipeline(config: IncrecConfig, span: int, started: float):
     from pipeline.pipeline import create_pipeline
 
     pipeline = create_pipeline(config, span)
+    skip_tfx_self_packaging(config.resolved_beam_args())
     error: Optional[BaseException] = None
     try:
         LocalDagRunner().run(pipeline)
@@ -244,6 +245,24 @@ def _run_pipeline(config: IncrecConfig, span: int, started: float):
     append_history(config, record)
     timeline.record_span(config.tensorboard_dir, record)
     return record, (record["error"] if error is not None else None)
+
+
+def skip_tfx_self_packaging(beam_args) -> None:
+    """On the DirectRunner, stops TFX from packaging its own install before every Beam component.
+
+    Given any Beam args without a dependency option, TFX copies its install tree (~49 MB) to a new temp
+    directory and builds an sdist there, ~2.5 s per component, so that remote workers can import it; the
+    directories are never removed, so a daily deployment fills its disk. DirectRunner workers are this
+    machine's Python and never read the package. Remote runners keep the behaviour (docs/ARCHITECTURE.md,
+    "Beam runners and file systems"). Called in the per-span child process, so it touches no other run.
+    """
+    from components.ingest import beam_options
+
+    if not beam_options(beam_args)[1]:
+        return
+    from tfx.utils import dependency_utils
+
+    dependency_utils.make_beam_dependency_flags = list  # the args as given
 
 
 class _ComponentNames(logging.Handler):

@@ -21,6 +21,11 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # which the one-line-error tests of the CLI would read as extra lines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from pipeline.local_runner import skip_tfx_self_packaging  # noqa: E402
+
+# Executors that tests run in this process (ExampleGen, the guard) are on the DirectRunner too.
+skip_tfx_self_packaging([])
+
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "data" / "movietweetings-100k"
 SHARED = REPO.parent / "shared" / "data" / "movietweetings-100k"
@@ -48,9 +53,9 @@ def movietweetings_dir() -> Path:
     pytest.skip("MovieTweetings data not found")
 
 
-def increc(*args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Runs the increc CLI as a user would, in a fresh process."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+def increc(*args: str, check: bool = True, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
+    """Runs the increc CLI as a user would, in a fresh process (`env`: extra environment variables)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
@@ -108,16 +113,14 @@ def small_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_run(small_data, tmp_path_factory):
-    """One incremental backfill over spans 1-3 with replay off; returns (data, work, report, snapshots).
-
-    Between spans the embedding rows of the serving version are snapshotted so
-    tests can compare what changed.
-    """
+    """One incremental backfill over spans 1-3 with replay off; returns its data, work, config, report,
+    stdout and the temp directory (TMPDIR) it ran with."""
     work = tmp_path_factory.mktemp("work")
+    temp = tmp_path_factory.mktemp("run-tmpdir")
     config = work.parent / "test-config.json"
     config.write_text(json.dumps(TEST_CONFIG))
     report = work / "report.json"
     result = increc("backfill", "--data", str(small_data), "--work", str(work), "--spans", f"1-{TEST_SPANS}",
-                    "--config", str(config), "--report", str(report), "--no-progress")
+                    "--config", str(config), "--report", str(report), "--no-progress", env={"TMPDIR": str(temp)})
     return {"data": small_data, "work": work, "config": config, "report": json.loads(report.read_text()),
-            "stdout": result.stdout}
+            "stdout": result.stdout, "tmpdir": temp}

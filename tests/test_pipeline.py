@@ -57,6 +57,14 @@ def test_backfill_report_has_the_design_schema(shared_run):
     assert "span 1:" in shared_run["stdout"] and "candidate AUC" in shared_run["stdout"]
 
 
+def test_runs_do_not_package_tfx_into_the_temp_directory(shared_run):
+    # TFX would otherwise copy and package its own install (~49 MB) into a new temp directory before
+    # every Beam component and never remove it: a daily deployment would fill its disk.
+    left = sorted(str(p.relative_to(shared_run["tmpdir"])) for p in shared_run["tmpdir"].rglob("*")
+                  if p.name == "setup.py" or p.name.startswith("tfx_ephemeral"))
+    assert left == [], left
+
+
 def test_malformed_row_within_budget_is_dropped_and_counted(shared_run):
     first = history(shared_run["work"])[0]
     assert first["bad_rows"] == 1
