@@ -42,8 +42,7 @@ class ModelSpec:
                    embedding_dim=settings.embedding_dim, side_embedding_dim=settings.side_embedding_dim,
                    cross_layers=settings.cross_layers, deep_layers=list(settings.deep_layers),
                    id_bias=settings.id_bias, side_features=settings.side_features,
-                   ignored_features=list(settings.ignored_features)
-                   + ([] if settings.recent_items else list(F.ITEM_LIST_FEATURES)))
+                   ignored_features=[f for f in list(categorical) + list(numeric) if not settings.model_uses(f)])
 
 
 class EmbeddingBag(tf.keras.layers.Layer):

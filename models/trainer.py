@@ -39,7 +39,7 @@ def model_spec(schema_path: str, transform_output_dir: str, settings: TrainingSe
     for feature, path in vocabulary_assets(transform_output_dir).items():
         with tf.io.gfile.GFile(path, "rb") as f:
             rows[feature] = settings.oov_buckets + len(f.read().splitlines())
-    missing = [f for f in list(F.ID_FEATURES) + categorical if f not in rows]
+    missing = [f for f in list(F.ID_FEATURES) + categorical if f not in rows and settings.model_uses(f)]
     if missing:
         raise ValueError(f"Transform output has no vocabulary for {missing}")
     return ranking_model.ModelSpec.of(settings, rows, categorical, numeric)

@@ -185,6 +185,13 @@ class TrainingSettings:
     def __post_init__(self):
         _check_fields(self, TRAINING_RULES)
 
+    def model_uses(self, feature: str) -> bool:
+        """Whether the models read side feature `feature`; Transform leaves out the ones they do not."""
+        from models.features import ITEM_LIST_FEATURES
+
+        return (self.side_features and feature not in self.ignored_features
+                and (self.recent_items or feature not in ITEM_LIST_FEATURES))
+
     def training_settings(self) -> "TrainingSettings":
         """Just the training settings (of a subclass such as IncrecConfig, too)."""
         return TrainingSettings(**{name: getattr(self, name) for name in TRAINING_RULES})

@@ -10,6 +10,7 @@ the candidate is compared with on the same eval rows, DeLong's test).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -116,7 +117,8 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         disable_statistics=True,
         # span None (a scheduled run): the newest span in data_dir, as SpanExampleGen picks it.
         custom_config={"vocab_dir": config.vocab_dir, "oov_buckets": config.oov_buckets, "span": span,
-                       "data_dir": config.data_dir},
+                       "data_dir": config.data_dir,
+                       "settings": dataclasses.asdict(config.training_settings())},
     )
     # Nothing downstream may start before the guard: an anomaly must stop the run before Transform.
     transform.add_upstream_node(guard)

@@ -290,3 +290,36 @@ def test_recent_items_are_left_out_unless_the_setting_asks_for_them():
     off = ranking_model.ModelSpec.of(TrainingSettings(), rows, [F.USER_RECENT_ITEMS], [])
     on = ranking_model.ModelSpec.of(TrainingSettings(recent_items=True), rows, [F.USER_RECENT_ITEMS], [])
     assert F.USER_RECENT_ITEMS in off.ignored_features and F.USER_RECENT_ITEMS not in on.ignored_features
+
+
+def _transform_outputs(tmp_path, settings: dict):
+    """What preprocessing_fn outputs, run by tf.Transform's Beam API on a few rows with these settings."""
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+    from models.preprocessing import preprocessing_fn
+
+    spec = {F.USER_ID: tf.io.FixedLenFeature([], tf.string), F.ITEM_ID: tf.io.FixedLenFeature([], tf.string),
+            F.TIMESTAMP: tf.io.FixedLenFeature([], tf.int64), F.LABEL: tf.io.FixedLenFeature([], tf.int64),
+            "genres": tf.io.VarLenFeature(tf.string), F.USER_RECENT_ITEMS: tf.io.VarLenFeature(tf.string)}
+    rows = [{F.USER_ID: b"u1", F.ITEM_ID: b"i1", F.TIMESTAMP: 1, F.LABEL: 1, "genres": [b"drama"],
+             F.USER_RECENT_ITEMS: []},
+            {F.USER_ID: b"u1", F.ITEM_ID: b"i2", F.TIMESTAMP: 2, F.LABEL: 0, "genres": [b"comedy"],
+             F.USER_RECENT_ITEMS: [b"i1"]}]
+    config = {"vocab_dir": str(tmp_path / "vocab"), "span": 1, "settings": settings}
+    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
+    with tft_beam.Context(temp_dir=str(tmp_path / "tft"), force_tf_compat_v1=False):
+        (transformed, _), _ = ((rows, metadata) | tft_beam.AnalyzeAndTransformDataset(
+            lambda inputs: preprocessing_fn(inputs, config)))
+    return set(transformed[0])
+
+
+def test_transform_leaves_out_the_side_features_the_models_do_not_read(tmp_path):
+    # Unused, user_recent_items (ten ids a row) would cost vocabulary analysis and lookups per batch.
+    off = _transform_outputs(tmp_path / "off", {})
+    assert F.index_name("genres") in off
+    assert not {F.index_name(F.USER_RECENT_ITEMS), F.item_rows_name(F.USER_RECENT_ITEMS)} & off
+    on = _transform_outputs(tmp_path / "on", {"recent_items": True})
+    assert {F.index_name(F.USER_RECENT_ITEMS), F.item_rows_name(F.USER_RECENT_ITEMS)} <= on
+    ignored = _transform_outputs(tmp_path / "ignored", {"ignored_features": ["genres"]})
+    assert F.index_name("genres") not in ignored and F.index_name(F.ITEM_ID) in ignored

@@ -14,7 +14,7 @@ from models import features as F
 from models.feature_snapshot import FeatureSnapshot
 from models.training import TrainingSettings
 from serving import model_config
-from tests.conftest import TEST_SPANS, increc
+from tests.conftest import TEST_CONFIG, TEST_SPANS, increc
 
 REPORT_FIELDS = {"span", "live_auc", "previous_auc", "candidate_auc", "baseline_auc", "blessed", "pushed_version",
                  "rolled_back", "serving_version", "examples_trained", "train_seconds", "run_seconds"}
@@ -336,6 +336,31 @@ def test_full_mode_retrains_from_scratch_on_every_span(shared_run):
     recent = dict(zip((i.decode() for i in snapshot.items.ids()), snapshot.items.recent.tolist()))
     assert recent.keys() == expected.keys()
     assert all(abs(recent[i] - expected[i]) < 1e-9 for i in expected)
+
+
+def test_recent_items_reach_the_model_when_the_setting_is_on(tmp_path):
+    # Prepared data carries user_recent_items; with recent_items on, Transform gives it a vocabulary and
+    # the pushed version's score moves with the recent items a request sends.
+    data, work, config = tmp_path / "data", tmp_path / "work", tmp_path / "config.json"
+    increc("prepare", "--format", "synthetic", "--rows", "6000", "--users", "300", "--items", "200", "--seed", "3",
+           "--days", "4", "--spans", "2", "--out", str(data))
+    config.write_text(json.dumps(dict(TEST_CONFIG, recent_items=True)))
+    increc("backfill", "--data", str(data), "--work", str(work), "--spans", "1-2", "--config", str(config),
+           "--no-progress")
+    records = history(work)
+    assert [r["status"] for r in records] == ["ok", "ok"] and records[1]["warm_started_from"]
+    vocabulary = (work / "vocab" / "after-span-2" / f"{F.USER_RECENT_ITEMS}.vocab").read_text().splitlines()
+    assert len(vocabulary) > 100
+    version = DeploymentState(str(work / "serving"), "increc").current().stable
+    score = tf.saved_model.load(str(work / "serving" / "increc" / str(version))).signatures["serving_default"]
+    # Every other input empty or NaN: "the snapshot's value", as TF Serving fills what a request leaves out.
+    inputs = {name: tf.fill([2], "" if spec.dtype == tf.string else float("nan"))
+              for name, spec in score.structured_input_signature[1].items()}
+    items = vocabulary[:20]
+    inputs.update(user_id=tf.constant(["u1", "u1"]), item_id=tf.constant(["i1", "i1"]),
+                  user_recent_items=tf.constant(["|".join(items[:10]), "|".join(items[10:])]))
+    p = score(**inputs)["probability"].numpy()
+    assert p[0] != p[1]
 
 
 def test_kubeflow_spec_compiles_and_names_every_component(shared_run, tmp_path):
