@@ -63,7 +63,11 @@ class ExportModule(tf.Module):
         # that nothing here reads. Its weights are saved through WEIGHTS_ATTRIBUTE, by name.
         self._logits = model.__call__
         self._query = retrieval.query
-        self.tft_layer = tft_layer
+        # The Transform layer is a Keras model too: only what it loaded (the transform graph, its tables and
+        # vocabulary assets) is tracked, so the save neither traces the layer for Keras' loader (~6 s
+        # per export) nor loses the assets.
+        self._apply_transform = tft_layer.__call__
+        self.transform_graph = tft_layer._saved_model_loader_tracked_dict  # noqa: SLF001 - see above
         setattr(self, WEIGHTS_ATTRIBUTE, dict(ranking_model.weights_by_name(model),
                                               **retrieval_model.weights_by_name(retrieval)))
         self._categorical = list(categorical)
@@ -72,15 +76,19 @@ class ExportModule(tf.Module):
         self._request_spec = {k: v for k, v in raw_feature_spec.items() if k not in F.NON_FEATURES}
         self.lookup = lookup
         self._owners = dict(owners)
-        self.index = tfrs.layers.factorized_top_k.BruteForce(name="retrieval_index")
+        index = tfrs.layers.factorized_top_k.BruteForce(name="retrieval_index")
         # The candidate tower learnt with in-batch negatives, which are drawn as often as an item is
         # interacted with, so its score is about log p(item | user) - log p(item): the log of each item's
         # recent popularity is added back (a last coordinate the query meets with a 1), which turns the
         # score into the user's log-propensity to interact with the item now. Recent, not all-time:
         # popularity moves from span to span (models/feature_snapshot.py, popularity_decay).
         prior = tf.math.log1p(tf.constant(lookup.item_popularity, tf.float32))[:, tf.newaxis]
-        self.index.index(tf.concat([self._catalog_embeddings(retrieval), prior], axis=1),
-                         tf.range(lookup.items.size, dtype=tf.int64))
+        index.index(tf.concat([self._catalog_embeddings(retrieval), prior], axis=1),
+                    tf.range(lookup.items.size, dtype=tf.int64))
+        # Like the ranking model, the index (a Keras model) stays out of the object graph and only its
+        # variables are tracked: saving it as a child traced its call for Keras' loader, ~5 s per export.
+        self._top_k = index.__call__
+        self.index_variables = list(index.variables)
 
     # --- scoring ---
 
@@ -89,7 +97,7 @@ class ExportModule(tf.Module):
         raw = dict(raw)
         raw[F.LABEL] = tf.zeros([batch, 1], tf.int64)
         raw[F.TIMESTAMP] = tf.zeros([batch, 1], tf.int64)
-        transformed = self.tft_layer(raw)
+        transformed = self._apply_transform(raw)
         transformed.pop(F.LABEL, None)
         return transformed
 
@@ -194,7 +202,7 @@ class ExportModule(tf.Module):
         wanted = tf.minimum(tf.maximum(k_max, RECOMMEND_CANDIDATES), catalog)
         fetched = tf.minimum(wanted + seen_count, catalog)
         query = tf.concat([query, tf.ones([batch, 1])], axis=1)  # meets the popularity coordinate
-        scores, rows = self.index(query, k=tf.cast(fetched, tf.int32))
+        scores, rows = self._top_k(query, k=tf.cast(fetched, tf.int32))
         # Membership by binary search: comparing every candidate with every seen item costs
         # candidates x seen, ~50 ms for a user with thousands of items.
         at = tf.minimum(tf.searchsorted(seen_sorted, rows, out_type=tf.int64), seen_count)
@@ -245,7 +253,7 @@ class ExportModule(tf.Module):
             batch = tf.shape(raw[F.USER_ID], out_type=tf.int64)[0]
             raw[F.LABEL] = tf.zeros([batch, 1], tf.int64)
             raw[F.TIMESTAMP] = tf.zeros([batch, 1], tf.int64)
-            return {F.USER_IS_NEW: self.tft_layer(raw)[F.USER_IS_NEW]}
+            return {F.USER_IS_NEW: self._apply_transform(raw)[F.USER_IS_NEW]}
 
         knobs = [(tf.TensorSpec([None], tf.int32, "k"), tf.constant([DEFAULT_K], tf.int32)),
                  (tf.TensorSpec([None], tf.bool, "exclude_seen"), tf.constant([True]))]
