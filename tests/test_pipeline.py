@@ -137,6 +137,28 @@ def test_every_pushed_version_loads_and_answers(shared_run):
         assert deployment.previous == pushed[-2]
 
 
+def test_a_pushed_version_carries_its_vocabularies(shared_run, tmp_path):
+    # Served versions outlive the pipeline's artifacts: with the Transform outputs out of reach, a copy of
+    # the version still loads and scores as before.
+    import shutil
+
+    work = shared_run["work"]
+    version = DeploymentState(str(work / "serving"), "increc").current().stable
+    copy = tmp_path / "copy"
+    shutil.copytree(work / "serving" / "increc" / str(version), copy)
+    inputs = dict(user_id=tf.constant(["1", "no-such-user"]), item_id=tf.constant(["1074638", "x"]),
+                  genres=tf.constant(["Drama|Comedy", ""]), year=tf.constant([2012.0, float("nan")]))
+    before = tf.saved_model.load(str(copy)).signatures["serving_default"](**inputs)["probability"].numpy()
+    transform, hidden = work / "pipeline" / "Transform", work / "pipeline" / "Transform.hidden"
+    transform.rename(hidden)
+    try:
+        after = tf.saved_model.load(str(copy)).signatures["serving_default"](**inputs)["probability"].numpy()
+    finally:
+        hidden.rename(transform)
+    np.testing.assert_allclose(after, before, rtol=1e-6)
+    assert {"user_id.vocab", "item_id.vocab", "genres.vocab"} <= {p.name for p in (copy / "assets").iterdir()}
+
+
 def test_raw_and_example_signatures_agree(shared_run):
     from models.export import serving_inputs
 
