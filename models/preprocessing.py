@@ -15,7 +15,6 @@ from models import features as F
 from models import spans, vocabulary
 from models.training import TrainingSettings
 
-DEFAULT_OOV_BUCKETS = 16
 
 
 def _dense_1d(x):
@@ -31,10 +30,8 @@ def _map_values(x: tf.SparseTensor, fn) -> tf.SparseTensor:
 def preprocessing_fn(inputs, custom_config):
     store_dir = custom_config["vocab_dir"]
     span = spans.span_of(custom_config)
-    oov_buckets = int(custom_config.get("oov_buckets", DEFAULT_OOV_BUCKETS))
-    # Side features the models do not read get no vocabulary and no output: on a 1M-row span the
-    # unused user_recent_items (10 ids a row) cost ~11 s of Transform and ~35 s of Trainer lookups.
     settings = TrainingSettings(**custom_config.get("settings", {}))
+    oov_buckets = settings.oov_buckets
     outputs = {F.LABEL: tf.cast(_dense_1d(inputs[F.LABEL]), tf.int64)}
 
     id_vocabularies = {}
@@ -50,6 +47,8 @@ def preprocessing_fn(inputs, custom_config):
                 tf.logical_or(index < oov_buckets, index - oov_buckets >= previous_size), tf.int64)
 
     for feature in sorted(inputs):
+        # Side features the models do not read get no vocabulary and no output: on a 1M-row span the
+        # unused user_recent_items (10 ids a row) cost ~11 s of Transform and ~35 s of Trainer lookups.
         if feature in F.ID_FEATURES or feature in F.NON_FEATURES or not settings.model_uses(feature):
             continue
         x = inputs[feature]

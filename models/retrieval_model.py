@@ -1,8 +1,8 @@
 """The TFRS retrieval (two-tower) model that picks `recommend`'s candidates.
 
 A query tower (the user id's embedding, plus the mean of the candidate
-tower's embeddings of the user's recent items with the `recent_items`
-setting) and a candidate tower (the item id's embedding), scored by their
+tower's embeddings of the user's recent items, which Transform maps into
+item rows only with the `recent_items` setting) and a candidate tower (the item id's embedding), scored by their
 dot product and trained with TFRS' Retrieval task (in-batch softmax) on the
 positive rows of the same batches as the ranking model, in the same steps.
 Cheap to score against a whole catalog (one matrix product), so it narrows a
@@ -21,9 +21,8 @@ from models import features as F
 
 
 class RetrievalModel(tfrs.models.Model):
-    def __init__(self, user_rows: int, item_rows: int, dim: int, recent_items: bool = True):
+    def __init__(self, user_rows: int, item_rows: int, dim: int):
         super().__init__(name="retrieval_model")
-        self.recent_items = recent_items  # pool the user's recent items into the query (TrainingSettings)
         self.query_tower = tf.keras.layers.Embedding(user_rows, dim, name="retrieval_user_embedding")
         self.candidate_tower = tf.keras.layers.Embedding(item_rows, dim, name="retrieval_item_embedding")
         # The same item twice in a batch is not its own negative.
@@ -37,7 +36,7 @@ class RetrievalModel(tfrs.models.Model):
         so "recently watched X" points at items near X, and a user the id table has not learnt (new,
         or with few rows) is placed by what they watched."""
         query = self.query_tower(features[F.index_name(F.USER_ID)])
-        for feature in F.ITEM_LIST_FEATURES if self.recent_items else ():
+        for feature in F.ITEM_LIST_FEATURES:
             items = features.get(F.item_rows_name(feature))
             if items is None:
                 continue
@@ -63,8 +62,8 @@ class RetrievalModel(tfrs.models.Model):
         return tf.reduce_sum(self.query(features) * self.candidates(features[F.index_name(F.ITEM_ID)]), axis=1)
 
 
-def build(vocab_rows: Dict[str, int], dim: int, recent_items: bool = True) -> RetrievalModel:
-    return RetrievalModel(vocab_rows[F.USER_ID], vocab_rows[F.ITEM_ID], dim, recent_items)
+def build(vocab_rows: Dict[str, int], dim: int) -> RetrievalModel:
+    return RetrievalModel(vocab_rows[F.USER_ID], vocab_rows[F.ITEM_ID], dim)
 
 
 def weights_by_name(model: RetrievalModel) -> Dict[str, tf.Variable]:

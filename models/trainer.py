@@ -279,7 +279,7 @@ def run_fn(fn_args: FnArgs) -> None:
     plain = make_transform(tft_layer, raw_spec)
     first = plain(tf.constant(next(iter_record_batches(fn_args.train_files, 2))))[0]
     model(first)  # create the weights
-    retrieval = retrieval_model.build(spec.vocab_rows, settings.embedding_dim, settings.recent_items)
+    retrieval = retrieval_model.build(spec.vocab_rows, settings.embedding_dim)
     retrieval(first)
     weights = dict(ranking_model.weights_by_name(model), **retrieval_model.weights_by_name(retrieval))
 

@@ -116,8 +116,7 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         materialize=False,
         disable_statistics=True,
         # span None (a scheduled run): the newest span in data_dir, as SpanExampleGen picks it.
-        custom_config={"vocab_dir": config.vocab_dir, "oov_buckets": config.oov_buckets, "span": span,
-                       "data_dir": config.data_dir,
+        custom_config={"vocab_dir": config.vocab_dir, "span": span, "data_dir": config.data_dir,
                        "settings": dataclasses.asdict(config.training_settings())},
     )
     # Nothing downstream may start before the guard: an anomaly must stop the run before Transform.
