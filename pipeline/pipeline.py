@@ -115,6 +115,9 @@ def create_pipeline(config: IncrecConfig, span: Optional[int], with_baseline: Op
         preprocessing_fn="models.preprocessing.preprocessing_fn",
         materialize=False,
         disable_statistics=True,
+        # The cache serves re-analysing the same input; each span is analysed once, and extending the
+        # vocabularies across spans is models/vocabulary.py's. Writing it cost ~2 s of a 10k-row span.
+        disable_analyzer_cache=True,
         # span None (a scheduled run): the newest span in data_dir, as SpanExampleGen picks it.
         custom_config={"vocab_dir": config.vocab_dir, "span": span, "data_dir": config.data_dir,
                        "settings": dataclasses.asdict(config.training_settings())},
