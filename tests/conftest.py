@@ -21,10 +21,12 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # which the one-line-error tests of the CLI would read as extra lines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from pipeline.local_runner import skip_tfx_self_packaging  # noqa: E402
+from pipeline.local_runner import cache_beam_signatures, skip_tfx_self_packaging  # noqa: E402
 
-# Executors that tests run in this process (ExampleGen, the guard) are on the DirectRunner too.
+# Executors that tests run in this process (ExampleGen, the guard) are on the DirectRunner too,
+# and get the per-span child's Beam set-up.
 skip_tfx_self_packaging([])
+cache_beam_signatures()
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "data" / "movietweetings-100k"

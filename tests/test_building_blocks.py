@@ -101,3 +101,37 @@ def test_models_config_round_trips_versions_and_labels(tmp_path):
     (tmp_path / "bad.config").write_text("model_config_list { nonsense")
     with pytest.raises(ValueError, match="bad.config"):
         model_config.read_config(str(tmp_path / "bad.config"))
+
+
+def test_beam_looks_up_each_dofn_methods_arguments_once(monkeypatch):
+    """The per-span child's Beam set-up (cache_beam_signatures): same answers as Beam's, one lookup per function."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+    from apache_beam.transforms import core
+
+    from pipeline.local_runner import cache_beam_signatures
+
+    cache_beam_signatures()  # conftest applied it already; applying it twice must not stack
+    looked_up = []
+    plain = core.get_signature
+    monkeypatch.setattr(core, "get_signature", lambda f: looked_up.append(f) or plain(f))
+
+    class Scale(beam.DoFn):
+        def process(self, element, factor=2, *extra, side=None):
+            yield element * factor
+
+    class Call:
+        def __call__(self, a, b=1):
+            return a
+
+    first = core.get_function_args_defaults(Scale().process)
+    assert first == (["element", "factor"], [2])
+    first[0].append("changed")  # callers get copies
+    assert core.get_function_args_defaults(Scale().process) == (["element", "factor"], [2])  # another instance
+    assert len(looked_up) == 1
+    assert core.get_function_args_defaults(Call()) == (["a", "b"], [1])
+    assert core.get_function_args_defaults(Call()) == (["a", "b"], [1])
+    assert len(looked_up) == 3  # callable objects are looked up by Beam each time
+    with beam.Pipeline() as p:  # and a pipeline still runs its DoFns with their defaults
+        result = p | beam.Create([1, 2]) | beam.ParDo(Scale())
+        assert_that(result, equal_to([2, 4]))
