@@ -32,8 +32,7 @@ class ModelSpec:
     cross_layers: int
     deep_layers: List[int]
     id_bias: bool  # a learnt scalar per user and per item added to the logit (the "wide" part)
-    side_features: bool  # False: ids only (an ablation)
-    ignored_features: List[str]  # side features left out (ablations)
+    ignored_features: List[str]  # side features the model leaves out (TrainingSettings.model_uses)
 
     @classmethod
     def of(cls, settings: TrainingSettings, vocab_rows: Dict[str, int], categorical: List[str],
@@ -41,7 +40,7 @@ class ModelSpec:
         return cls(vocab_rows=dict(vocab_rows), categorical=list(categorical), numeric=list(numeric),
                    embedding_dim=settings.embedding_dim, side_embedding_dim=settings.side_embedding_dim,
                    cross_layers=settings.cross_layers, deep_layers=list(settings.deep_layers),
-                   id_bias=settings.id_bias, side_features=settings.side_features,
+                   id_bias=settings.id_bias,
                    ignored_features=[f for f in list(categorical) + list(numeric) if not settings.model_uses(f)])
 
 
@@ -75,9 +74,8 @@ class RankingModel(tfrs.models.Model):
             f: tf.keras.layers.Embedding(spec.vocab_rows[f], 1, embeddings_initializer="zeros", name=f"{f}_bias")
             for f in F.ID_FEATURES
         } if spec.id_bias else {}
-        used = (lambda f: f not in spec.ignored_features) if spec.side_features else (lambda f: False)
-        self.categorical = [f for f in spec.categorical if used(f)]
-        self.numeric = [f for f in spec.numeric if used(f)]
+        self.categorical = [f for f in spec.categorical if f not in spec.ignored_features]
+        self.numeric = [f for f in spec.numeric if f not in spec.ignored_features]
         self.side_embeddings = {
             f: EmbeddingBag(spec.vocab_rows[f], spec.side_embedding_dim, name=f"{f}_embedding")
             for f in self.categorical
