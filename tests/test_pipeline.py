@@ -240,7 +240,7 @@ def flipped_config(shared_run, tmp_path) -> Path:
     """The shared settings with flipped training labels, trained long enough to be clearly worse: one epoch
     from a warm start moves the model about 0.02 AUC, within the noise of 150 eval rows."""
     config = dict(json.loads(shared_run["config"].read_text()), flip_train_labels=True, epochs=6,
-                  gate_indifference=0.005)
+                  gate_indifference=0.004)
     flipped = tmp_path / "flipped.json"
     flipped.write_text(json.dumps(config))
     return flipped
@@ -262,8 +262,8 @@ def test_candidate_trained_on_flipped_labels_is_not_blessed_or_pushed(shared_run
     gate = record["gate"]
     assert gate["compared"] and gate["blessed"] is False and gate["paired_blessed"] is False
     assert gate["confidence"] == 0.99 and gate["margin"] == pytest.approx(0.02)
-    assert gate["indifference"] == pytest.approx(0.005)  # the flipped run's own setting (default 0)
-    assert gate["reason"].startswith("below min_auc") and "worse by more than 0.005 with confidence" in gate["reason"]
+    assert gate["indifference"] == pytest.approx(0.004)  # the flipped run's own setting (default 0.005)
+    assert gate["reason"].startswith("below min_auc") and "worse by more than 0.004 with confidence" in gate["reason"]
     assert gate["lower"] <= gate["difference"] <= gate["upper"] < 0
     assert gate["p_value"] < 0.01
     assert gate["difference"] == pytest.approx(gate["candidate_auc"] - gate["baseline_auc"])
