@@ -323,3 +323,33 @@ def test_transform_leaves_out_the_side_features_the_models_do_not_read(tmp_path)
     assert {F.index_name(F.USER_RECENT_ITEMS), F.item_rows_name(F.USER_RECENT_ITEMS)} <= on
     ignored = _transform_outputs(tmp_path / "ignored", {"ignored_features": ["genres"]})
     assert F.index_name("genres") not in ignored and F.index_name(F.ITEM_ID) in ignored
+
+
+def test_retrieval_loss_costs_linear_time_in_the_batch_and_equals_the_task_loss_per_block(monkeypatch):
+    """In-batch negatives are taken per block of rows: a batch of at most a block gets the TFRS task's own
+    loss, a larger one the sum of the task's loss over its blocks, so a large batch costs no more per row."""
+    from models import retrieval_model
+
+    model = retrieval_model.build({"user_id": 50, "item_id": 40}, 4)
+    users = tf.constant(np.arange(10) % 7, tf.int64)
+    items = tf.constant([3, 5, 3, 8, 9, 1, 2, 5, 7, 6], tf.int64)
+    labels = tf.constant([[1], [1], [0], [1], [1], [1], [0], [1], [1], [1]], tf.int64)
+    features = {F.index_name(F.USER_ID): users, F.index_name(F.ITEM_ID): items}
+
+    def task_loss(at):
+        at = tf.constant(at)
+        return float(model.task(model.query({F.index_name(F.USER_ID): tf.gather(users, at)}),
+                                model.candidates(tf.gather(items, at)),
+                                sample_weight=tf.cast(tf.reshape(tf.gather(labels, at), [-1]), tf.float32),
+                                candidate_ids=tf.gather(items, at), compute_metrics=False))
+
+    whole = float(model.compute_loss((features, labels)))
+    assert whole == pytest.approx(task_loss(list(range(10))), rel=1e-5)
+    monkeypatch.setattr(retrieval_model, "NEGATIVES_BLOCK", 4)
+    blocked = float(model.compute_loss((features, labels)))
+    per_block = task_loss([0, 1, 2, 3]) + task_loss([4, 5, 6, 7]) + task_loss([8, 9])
+    assert blocked == pytest.approx(per_block, rel=1e-5) and blocked != pytest.approx(whole, rel=1e-3)
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss((features, labels))
+    gradients = tape.gradient(loss, model.trainable_variables)
+    assert all(g is not None for g in gradients), "every block's rows train the towers"
