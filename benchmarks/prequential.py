@@ -121,20 +121,20 @@ def reused_mode(work: Path, data: Path, previous: Dict[str, Any]) -> Dict[str, A
 
 def model_features(work: Path):
     """(categorical, numeric) side features increc's model takes in a work directory: the curated
-    schema's, less what its settings leave out."""
+    schema's that its training settings use (TrainingSettings.model_uses: not user_recent_items
+    unless recent_items is on, nothing ignored, nothing with side_features off)."""
     from google.protobuf import text_format
     from tensorflow_metadata.proto.v0 import schema_pb2
 
     from models import features as F
+    from models.training import TRAINING_RULES, TrainingSettings
 
     schema = text_format.Parse((work / "schema" / "schema.pbtxt").read_text(), schema_pb2.Schema())
     categorical, numeric = F.split_columns(schema)
     config_file = work / "config.json"
-    settings = json.loads(config_file.read_text()) if config_file.exists() else {}
-    if not settings.get("side_features", True):
-        return [], []
-    ignored = set(settings.get("ignored_features") or [])
-    return [c for c in categorical if c not in ignored], [n for n in numeric if n not in ignored]
+    saved = json.loads(config_file.read_text()) if config_file.exists() else {}
+    settings = TrainingSettings(**{k: v for k, v in saved.items() if k in TRAINING_RULES})
+    return [c for c in categorical if settings.model_uses(c)], [n for n in numeric if settings.model_uses(n)]
 
 
 def span_rows(work: Path) -> Dict[int, Dict[str, Any]]:

@@ -165,8 +165,12 @@ def test_the_feature_peers_get_the_side_features_increc_trains_on(tmp_path):
     (tmp_path / "schema" / "schema.pbtxt").write_text("\n".join(
         f'feature {{ name: "{name}" type: {kind} }}' for name, kind in
         [("user_id", "BYTES"), ("item_id", "BYTES"), ("timestamp", "INT"), ("label", "INT"), ("genres", "BYTES"),
-         ("year", "FLOAT"), ("user_history", "FLOAT"), ("item_history_mean", "FLOAT")]))
+         ("year", "FLOAT"), ("user_history", "FLOAT"), ("item_history_mean", "FLOAT"),
+         ("user_recent_items", "BYTES")]))
+    # The recent items only with the setting that puts them in the model.
     assert model_features(tmp_path) == (["genres"], ["item_history_mean", "user_history", "year"])
+    (tmp_path / "config.json").write_text(json.dumps({"recent_items": True}))
+    assert model_features(tmp_path) == (["genres", "user_recent_items"], ["item_history_mean", "user_history", "year"])
     (tmp_path / "config.json").write_text(json.dumps({"ignored_features": ["year"]}))
     assert model_features(tmp_path) == (["genres"], ["item_history_mean", "user_history"])
     (tmp_path / "config.json").write_text(json.dumps({"side_features": False}))
