@@ -96,18 +96,23 @@ def artifacts_by_span(config: IncrecConfig) -> Dict[int, Dict[Tuple[str, str], A
     return by_span
 
 
-def component_seconds(config: IncrecConfig, started: float) -> Dict[str, float]:
-    """{component: seconds} of the run that began at `started`, from MLMD execution times."""
+def component_windows(config: IncrecConfig, started: float) -> Dict[str, Tuple[float, float]]:
+    """{component: (start, end) epoch seconds} of the run that began at `started`, from MLMD execution times."""
     store, run = _run_started_at(config, started)
     if run is None:
         return {}
     executions = store.get_executions_by_context(run.id)
     types = {t.id: t.name for t in store.get_execution_types_by_id(list({e.type_id for e in executions}))}
-    seconds: Dict[str, float] = {}
+    windows: Dict[str, Tuple[float, float]] = {}
     for execution in executions:
         node = types.get(execution.type_id, str(execution.type_id)).rsplit(".", 1)[-1]
-        seconds[node] = round((execution.last_update_time_since_epoch - execution.create_time_since_epoch) / 1000, 3)
-    return seconds
+        windows[node] = (execution.create_time_since_epoch / 1000, execution.last_update_time_since_epoch / 1000)
+    return windows
+
+
+def component_seconds(config: IncrecConfig, started: float) -> Dict[str, float]:
+    """{component: seconds} of the run that began at `started`."""
+    return {node: round(end - start, 3) for node, (start, end) in component_windows(config, started).items()}
 
 
 def evaluator_aucs(evaluation_uri: str) -> Tuple[Optional[float], Optional[float], Dict[str, Any]]:

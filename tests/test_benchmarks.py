@@ -199,3 +199,24 @@ def test_each_span_run_is_found_in_mlmd_with_its_component_times(shared_run):
         assert {"SpanExampleGen", "Transform", "Trainer", "Evaluator", "ServingPusher"} <= set(seconds)
         assert seconds["Trainer"] >= record["train_seconds"] > 0
         assert sum(seconds.values()) <= record["run_seconds"] + 1
+        windows = outcome.component_windows(config, record["time"])
+        assert windows["SpanExampleGen"][1] <= windows["Transform"][0] <= windows["Transform"][1] \
+            <= windows["Trainer"][0], "components run one after another: the scale benchmark's per-component memory"
+
+
+def test_scale_judges_memory_growth_on_the_same_users_and_items():
+    from benchmarks.scale import GIB, goals, parse_size
+
+    assert parse_size("5000000@1000000") == (5_000_000, 1_000_000) and parse_size("10000") == (10_000, 10_000)
+
+    def size(rows, catalog, gib):
+        label = str(rows) if rows == catalog else f"{rows}@{catalog}"
+        span = {"seconds": 100.0, "components": {}, "peak_rss_bytes": int(gib * GIB)}
+        return {"rows": rows, "catalog_rows": catalog, "label": label, "spans": [span, span]}
+
+    lines = goals([size(1_000_000, 1_000_000, 1.6), size(5_000_000, 1_000_000, 1.7), size(5_000_000, 5_000_000, 2.4)])
+    growth = [line for line in lines if "5M-row span" in line]
+    assert len(growth) == 1 and growth[0].startswith("met") and "1.06x" in growth[0]
+    assert any(line.startswith("for comparison") and "2.40 GiB" in line for line in lines)
+    lines = goals([size(1_000_000, 1_000_000, 1.6), size(5_000_000, 1_000_000, 1.9)])
+    assert [line for line in lines if "5M-row span" in line][0].startswith("NOT met")
