@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -66,6 +67,16 @@ def side_table_columns(data_dir: str) -> Dict[str, List[str]]:
         key = F.USER_ID if kind == "user" else F.ITEM_ID
         out[kind] = [c.strip().strip('"') for c in header.split(",") if c.strip().strip('"') != key]
     return out
+
+
+def merge_sorted(seen: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Sorted unique `seen` with sorted unique `new` folded in, sorted and unique. Costs one copy of
+    `seen` (np.unique over both would sort a concatenated copy: three times the memory)."""
+    if not len(seen):
+        return new
+    at = np.searchsorted(seen, new)
+    fresh = new[(at == len(seen)) | (seen[np.minimum(at, len(seen) - 1)] != new)]
+    return np.insert(seen, np.searchsorted(seen, fresh), fresh)
 
 
 def with_item(recent: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -188,7 +199,8 @@ class FeatureSnapshot:
                      [f for f in self.numeric if owner_of(f, self.side_columns) == kind]) for kind in KINDS}
         self.users = IdTable(*by["user"])
         self.items = IdTable(*by["item"])
-        self._pairs: List[np.ndarray] = [np.zeros(0, np.int64)]
+        self._seen = np.zeros(0, np.int64)  # every pair folded in so far: sorted, unique
+        self._new: List[np.ndarray] = []  # batches' pairs not yet merged into _seen
         self.span: Optional[int] = None
 
     # --- building ---
@@ -214,9 +226,9 @@ class FeatureSnapshot:
                                    {f: columns[f] for f in self.users.categorical + self.users.numeric})
             items = self.items.add(parsed[F.ITEM_ID].numpy(), ts, labels,
                                    {f: columns[f] for f in self.items.categorical + self.items.numeric})
-            self._pairs.append(np.unique((users << 32) | items))
-            if len(self._pairs) > 16:
-                self._pairs = [np.unique(np.concatenate(self._pairs))]
+            self._new.append(np.unique((users << 32) | items))
+            if len(self._new) >= 16:
+                self._merge_new()
 
     def end_span(self, span: int, popularity_decay: float) -> None:
         """Closes `span`: popularity from the snapshot's span decays once per span in between."""
@@ -227,18 +239,24 @@ class FeatureSnapshot:
         self.items.end_span(decay)
         self.span = span
 
+    def _merge_new(self) -> None:
+        if self._new:
+            self._seen = merge_sorted(self._seen, np.unique(np.concatenate(self._new)))
+            self._new = []
+
     def seen_pairs(self) -> np.ndarray:
         """Unique (user row << 32 | item row), ascending: grouped by user."""
-        self._pairs = [np.unique(np.concatenate(self._pairs))]
-        return self._pairs[0]
+        self._merge_new()
+        return self._seen
 
     def seen_by_user(self):
-        """(row_splits [users + 1], item rows): the items each user row interacted with, ascending per user."""
+        """(row_splits [users + 1] int64, item rows int32): the items each user row interacted with,
+        ascending per user. Computed without an int64 copy of the pairs: they are the one piece
+        of the snapshot that grows with every row ever seen (docs/ARCHITECTURE.md, memory)."""
         pairs = self.seen_pairs()
-        users, items = pairs >> 32, pairs & 0xFFFFFFFF
-        splits = np.zeros(len(self.users) + 1, np.int64)
-        np.add.at(splits, users + 1, 1)
-        return np.cumsum(splits), items.astype(np.int64)
+        splits = np.searchsorted(pairs, np.arange(len(self.users) + 1, dtype=np.int64) << 32)
+        low = 0 if sys.byteorder == "little" else 1  # the item row is the low 32-bit word of each pair
+        return splits.astype(np.int64), pairs.view(np.int32)[low::2].copy()
 
     # --- storage ---
 
@@ -284,7 +302,7 @@ class FeatureSnapshot:
                                       meta["defaults"]["user"])
         out.items = IdTable.from_arrow(read(ITEMS), F.ITEM_ID, out.items.categorical, out.items.numeric,
                                       meta["defaults"]["item"])
-        out._pairs = [read(SEEN).column("pair").to_numpy()]
+        out._seen = read(SEEN).column("pair").to_numpy()
         out.span = meta["span"]
         return out
 

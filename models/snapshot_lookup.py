@@ -67,9 +67,11 @@ class SnapshotLookup(tf.Module):
         # One more, empty row: what an unknown user (or a request not excluding anything) has seen.
         self.seen_splits = tf.Variable(np.append(splits, splits[-1]), trainable=False, dtype=tf.int64,
                                        name="seen_splits")
-        self.seen_items = tf.Variable(seen, trainable=False, dtype=tf.int64, name="seen_items")
+        # int32: item rows fit, and this is the one table that grows with every row ever seen.
+        self.seen_items = tf.Variable(seen, trainable=False, dtype=tf.int32, name="seen_items")
 
     def seen(self, user_rows: tf.Tensor) -> tf.RaggedTensor:
         """Item rows each user row interacted with; none for row -1."""
         seen = tf.RaggedTensor.from_row_splits(self.seen_items, self.seen_splits, validate=False)
-        return tf.gather(seen, tf.where(user_rows < 0, tf.cast(self.users.size, user_rows.dtype), user_rows))
+        rows = tf.gather(seen, tf.where(user_rows < 0, tf.cast(self.users.size, user_rows.dtype), user_rows))
+        return tf.cast(rows, tf.int64)

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from models.feature_snapshot import FeatureSnapshot, owner_of, side_table_columns
+from models.feature_snapshot import FeatureSnapshot, owner_of, side_table_columns, merge_sorted
 
 CATEGORICAL, NUMERIC = ["country", "genres"], ["age", "item_history", "user_history"]
 SIDE = {"user": ["country", "age"], "item": ["genres"]}
@@ -135,3 +135,29 @@ def test_a_users_recent_items_include_their_newest_interaction(tmp_path):
     users = snapshot.users
     recent = {u: users.values["user_recent_items"][users.rows[u]] for u in (b"u1", b"u2", b"u3")}
     assert recent == {b"u1": b"a|b|i9", b"u2": "|".join(older.split("|")[1:] + ["x"]).encode(), b"u3": b"y"}
+
+
+def test_pairs_merge_into_the_sorted_history_as_a_full_unique_would():
+    rng = np.random.default_rng(3)
+    seen = np.zeros(0, np.int64)
+    everything = []
+    for size in (0, 1, 50, 5000, 3):  # empty, single, overlapping and disjoint batches
+        new = np.unique(rng.integers(0, 4000, size).astype(np.int64) << 32 | rng.integers(0, 9, size))
+        everything.append(new)
+        seen = merge_sorted(seen, new)
+        np.testing.assert_array_equal(seen, np.unique(np.concatenate(everything)))
+    assert seen.dtype == np.int64
+
+
+def test_seen_items_per_user_survive_many_batches_and_are_int32(tmp_path):
+    snapshot = FeatureSnapshot(CATEGORICAL, NUMERIC, SIDE)
+    rng = np.random.default_rng(5)
+    rows = [(f"u{u}", f"i{i}") for u, i in zip(rng.integers(0, 30, 400), rng.integers(0, 50, 400))]
+    snapshot.absorb([[example(u, i, 10, 1)] for u, i in rows])  # 400 batches: merged 16 at a time
+    snapshot.end_span(1, 0.5)
+    splits, seen = snapshot.seen_by_user()
+    assert seen.dtype == np.int32 and splits.dtype == np.int64 and splits[-1] == len(seen)
+    users, items = snapshot.users.ids(), snapshot.items.ids()
+    got = {(users[u].decode(), items[i].decode()) for u in range(len(users)) for i in seen[splits[u]:splits[u + 1]]}
+    assert got == set(rows)
+    assert all(list(seen[splits[u]:splits[u + 1]]) == sorted(seen[splits[u]:splits[u + 1]]) for u in range(len(users)))
