@@ -230,9 +230,9 @@ def goals(results: List[Dict[str, Any]]) -> List[str]:
 def memory_table(results: List[Dict[str, Any]]) -> str:
     """Peak RSS of the process tree inside each component's window: where the memory goes."""
     components = sorted({c for r in results for s in r["spans"] for c in s.get("component_peak_rss_bytes", {})})
-    rows = [[label_of(r), s["span"]] + [round(s.get("component_peak_rss_bytes", {}).get(c, 0) / GIB, 2)
-                                         for c in components]
-            for r in results for s in r["spans"]]
+    rows = [[label_of(r), s["span"]] + [round(s["component_peak_rss_bytes"][c] / GIB, 2)
+                                         if s["component_peak_rss_bytes"].get(c) else "-" for c in components]
+            for r in results for s in r["spans"] if s.get("component_peak_rss_bytes")]
     return markdown_table(["rows", "span"] + components, rows)
 
 
