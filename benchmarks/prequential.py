@@ -238,11 +238,12 @@ def peer_rankings(users, items, labels, row_spans, target: Dict[str, Any]) -> Di
             for name, model in fitted.items()}
 
 
-def served_segments(run: Dict[str, Any], rows: Dict[int, Dict[str, Any]]) -> Dict[int, Dict[str, Any]]:
-    """New- and returning-user AUC on span N of the version that served it (its Trainer output)."""
+def served_segments(run: Dict[str, Any], rows: Dict[int, Dict[str, Any]], work: Path) -> Dict[int, Dict[str, Any]]:
+    """New- and returning-user AUC on span N of the version that served it (its Trainer output; the
+    records' paths are relative to `work`)."""
     from models.export import score_examples
 
-    model_of = {r["pushed_version"]: r["candidate_model"] for r in run["records"].values()
+    model_of = {r["pushed_version"]: os.path.join(work, r["candidate_model"]) for r in run["records"].values()
                 if r.get("pushed_version") and r.get("candidate_model")}
     out = {}
     for span, record in run["records"].items():
@@ -505,8 +506,8 @@ def main() -> int:
         reference = scratch / name / f"work-{args.modes.split(',')[0]}"
         rows = span_rows(reference)
         result["others"] = frozen_and_peers(reference, rows)
-        for run in result["modes"].values():
-            run["segments"] = served_segments(run, rows)
+        for mode, run in result["modes"].items():
+            run["segments"] = served_segments(run, rows, scratch / name / f"work-{mode}")
         result["per_span"] = per_span(result)
         for row in result["per_span"]:
             row["new_user_share"] = float(new_user_mask(rows, row["span"]).mean())

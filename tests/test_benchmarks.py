@@ -1,6 +1,8 @@
 """What the benchmarks are built on: the peer models and the per-span lookups in MLMD."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -202,6 +204,22 @@ def test_each_span_run_is_found_in_mlmd_with_its_component_times(shared_run):
         windows = outcome.component_windows(config, record["time"])
         assert windows["SpanExampleGen"][1] <= windows["Transform"][0] <= windows["Transform"][1] \
             <= windows["Trainer"][0], "components run one after another: the scale benchmark's per-component memory"
+
+
+def test_the_report_scores_new_and_returning_users_with_the_version_that_served_each_span(shared_run):
+    # The report's records carry paths relative to the work directory so the JSON travels; the segment
+    # table must still find each serving version's model (it printed '-' for increc when it did not).
+    from benchmarks.prequential import latest_records, served_segments, span_rows
+
+    work = shared_run["work"]
+    records = latest_records(work)
+    assert not os.path.isabs(records[1]["candidate_model"])
+    segments = served_segments({"records": records}, span_rows(work), work)
+    assert sorted(segments) == [2, 3], "span 1 had no serving version; 2 and 3 were served by a pushed one"
+    for span, segment in segments.items():
+        # The live AUC with logged features is the same version scored on the same rows by the guard.
+        assert segment["auc"] == pytest.approx(records[span]["live_auc_logged_features"], abs=1e-4)
+        assert segment["auc_new_users"] is not None or segment["auc_returning_users"] is not None
 
 
 def test_scale_judges_memory_growth_on_the_same_users_and_items():
