@@ -64,6 +64,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "no_history_features": {"ignored_features": list(HISTORY_COLUMNS)},
     "no_bias": {"id_bias": False},
     "embedding_8": {"embedding_dim": 8},
+    "embedding_64": {"embedding_dim": 64},
+    "deep_128": {"deep_layers": [128, 64]},
+    "cross_3": {"cross_layers": 3},
     "distill_0.5": {"distillation_weight": 0.5},
 }
 
