@@ -133,7 +133,7 @@ def _split_into(batch_size: int):
     return split
 
 
-def train_step(model: ranking_model.RankingModel, element_spec, retrieval=None) -> Any:
+def train_step(model: ranking_model.RankingModel, element_spec, retrieval=None, max_rows: Optional[int] = None) -> Any:
     """One optimisation step on a (features, labels[, sample_weight]) batch, minimising the model's
     compute_loss (the TFRS Ranking task's loss, which also updates the task's metrics) plus, with a
     retrieval model, its Retrieval task's loss on the same batch; returns the ranking loss.
@@ -155,7 +155,7 @@ def train_step(model: ranking_model.RankingModel, element_spec, retrieval=None) 
             loss = model.compute_loss(batch, training=True)
             total = loss + tf.add_n(model.losses) if model.losses else loss
             if retrieval is not None:
-                total += retrieval.compute_loss(batch, training=True)
+                total += retrieval.compute_loss(batch, training=True, max_rows=max_rows)
         optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
         return loss
 
@@ -171,15 +171,16 @@ def _epoch_scores(model: ranking_model.RankingModel, losses: List[Any], rows: Li
 
 
 def fit(model: ranking_model.RankingModel, dataset: tf.data.Dataset, epochs: int,
-        retrieval=None) -> Dict[str, List[float]]:
+        retrieval=None, max_rows: Optional[int] = None) -> Dict[str, List[float]]:
     """Trains for `epochs` passes; returns each epoch's training loss and the task's metrics (AUC).
 
     A span's training is a few hundred cheap steps, so per-model set-up is most
     of its cost: Keras' fit (a heavier step, traced again on new sparse shapes)
     took ~1.5 s per span against ~0.2 s of optimisation. Losses are read once per
-    epoch, so steps are not made to wait on each other.
+    epoch, so steps are not made to wait on each other. `max_rows`: no batch of
+    `dataset` is larger, where that is known (make_dataset below TRANSFORM_BATCH).
     """
-    step = train_step(model, dataset.element_spec, retrieval)
+    step = train_step(model, dataset.element_spec, retrieval, max_rows)
     history: Dict[str, List[float]] = {}
     for _ in range(epochs):
         model.reset_task_metrics()
@@ -315,7 +316,8 @@ def run_fn(fn_args: FnArgs) -> None:
                             replayed=replayed, records_in_files=span_examples + caught_up_examples)
     eval_ds = make_dataset(fn_args.eval_files, plain, TRANSFORM_BATCH) if has_eval else None
     fit_started = time.time()
-    history = fit(model, train_ds, settings.epochs, retrieval)
+    history = fit(model, train_ds, settings.epochs, retrieval,
+                  max_rows=batch_size if batch_size < TRANSFORM_BATCH else None)
     train_seconds = time.time() - fit_started
     phases.done("fit")
     # Validation and curves come after training, outside the measured train seconds.

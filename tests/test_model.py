@@ -345,10 +345,14 @@ def test_retrieval_loss_costs_linear_time_in_the_batch_and_equals_the_task_loss_
 
     whole = float(model.compute_loss((features, labels)))
     assert whole == pytest.approx(task_loss(list(range(10))), rel=1e-5)
+    # A caller that knows its batches fit one block skips the loop and gets the same loss.
+    assert float(model.compute_loss((features, labels), max_rows=10)) == pytest.approx(whole, rel=1e-6)
     monkeypatch.setattr(retrieval_model, "NEGATIVES_BLOCK", 4)
     blocked = float(model.compute_loss((features, labels)))
     per_block = task_loss([0, 1, 2, 3]) + task_loss([4, 5, 6, 7]) + task_loss([8, 9])
     assert blocked == pytest.approx(per_block, rel=1e-5) and blocked != pytest.approx(whole, rel=1e-3)
+    assert float(model.compute_loss((features, labels), max_rows=10)) == pytest.approx(blocked, rel=1e-6), \
+        "batches larger than a block are still cut into blocks"
     with tf.GradientTape() as tape:
         loss = model.compute_loss((features, labels))
     gradients = tape.gradient(loss, model.trainable_variables)
