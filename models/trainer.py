@@ -105,6 +105,12 @@ def make_dataset(patterns: List[str], transform, batch_size: int, shuffle_seed=N
     return chunks.prefetch(tf.data.AUTOTUNE)
 
 
+def largest_batch(batch_size: int) -> Optional[int]:
+    """The most rows a batch of make_dataset(..., batch_size) holds: batch_size where batches are cut from
+    the transform chunks, None where they are the chunks themselves (with their share of the replay)."""
+    return batch_size if batch_size < TRANSFORM_BATCH else None
+
+
 def training_batch_size(examples: int, batch_size: int, max_steps_per_epoch: int) -> int:
     """batch_size, or larger when an epoch would otherwise take more than max_steps_per_epoch steps."""
     if max_steps_per_epoch <= 0:
@@ -178,7 +184,7 @@ def fit(model: ranking_model.RankingModel, dataset: tf.data.Dataset, epochs: int
     of its cost: Keras' fit (a heavier step, traced again on new sparse shapes)
     took ~1.5 s per span against ~0.2 s of optimisation. Losses are read once per
     epoch, so steps are not made to wait on each other. `max_rows`: no batch of
-    `dataset` is larger, where that is known (make_dataset below TRANSFORM_BATCH).
+    `dataset` is larger, where that is known (largest_batch).
     """
     step = train_step(model, dataset.element_spec, retrieval, max_rows)
     history: Dict[str, List[float]] = {}
@@ -316,8 +322,7 @@ def run_fn(fn_args: FnArgs) -> None:
                             replayed=replayed, records_in_files=span_examples + caught_up_examples)
     eval_ds = make_dataset(fn_args.eval_files, plain, TRANSFORM_BATCH) if has_eval else None
     fit_started = time.time()
-    history = fit(model, train_ds, settings.epochs, retrieval,
-                  max_rows=batch_size if batch_size < TRANSFORM_BATCH else None)
+    history = fit(model, train_ds, settings.epochs, retrieval, max_rows=largest_batch(batch_size))
     train_seconds = time.time() - fit_started
     phases.done("fit")
     # Validation and curves come after training, outside the measured train seconds.

@@ -245,13 +245,15 @@ def test_the_training_stream_yields_every_record_once_per_epoch_with_the_replay_
     for _ in range(2):  # two epochs, reshuffled
         seen = []
         for features, labels in dataset:
-            assert len(labels) <= 7
+            assert len(labels) <= trainer.largest_batch(7) == 7, "the bound the retrieval loss relies on"
             tags = tf.sparse.to_dense(features["tags"], default_value=-1).numpy()
             for row, i in enumerate(features["id"].numpy()):
                 assert [t for t in tags[row] if t >= 0] == list(range(i, i + i % 4)), "sparse rows stay with their row"
                 assert labels.numpy()[row] == i % 2
                 seen.append(int(i))
         assert sorted(seen) == list(range(90)) + list(range(1000, 1012))
+    # Batches as large as a chunk are the chunks, plus their share of the replay: no bound below that.
+    assert trainer.largest_batch(16) is None
 
 
 def test_record_counts_come_from_the_example_gen_when_it_left_them(tmp_path):
