@@ -347,8 +347,15 @@ def test_retrieval_loss_costs_linear_time_in_the_batch_and_equals_the_task_loss_
 
     whole = float(model.compute_loss((features, labels)))
     assert whole == pytest.approx(task_loss(list(range(10))), rel=1e-5)
-    # A caller that knows its batches fit one block skips the loop and gets the same loss.
+    # A caller that knows its batches fit one block skips the loop (whose gradient is costly to trace) and
+    # gets the same loss.
     assert float(model.compute_loss((features, labels), max_rows=10)) == pytest.approx(whole, rel=1e-6)
+
+    def has_loop(max_rows):
+        graph = tf.function(lambda: model.compute_loss((features, labels), max_rows=max_rows)).get_concrete_function().graph
+        return any(op.type in ("While", "StatelessWhile") for op in graph.get_operations())
+
+    assert has_loop(None) and not has_loop(10) and has_loop(retrieval_model.NEGATIVES_BLOCK + 1)
     monkeypatch.setattr(retrieval_model, "NEGATIVES_BLOCK", 4)
     blocked = float(model.compute_loss((features, labels)))
     per_block = task_loss([0, 1, 2, 3]) + task_loss([4, 5, 6, 7]) + task_loss([8, 9])
