@@ -238,3 +238,29 @@ def test_scale_judges_memory_growth_on_the_same_users_and_items():
     assert any(line.startswith("for comparison") and "2.40 GiB" in line for line in lines)
     lines = goals([size(1_000_000, 1_000_000, 1.6), size(5_000_000, 1_000_000, 1.9)])
     assert [line for line in lines if "5M-row span" in line][0].startswith("NOT met")
+
+
+def test_the_list_baselines_split_new_from_returning_users_and_give_each_hybrid_half_its_list():
+    from benchmarks.recommend_baselines import fit_all, score_span
+    from components.live_ranking import PositiveSample
+
+    # Span 1: r1 likes a, r2 likes a and b, and twelve items x0..x11 are liked twice each, so b (once) is
+    # not in popularity's top 10; span 2: newcomer n likes d, which at decay 0.25 weighs 1 against their 0.5.
+    # Span 3 (scored): r1 likes b, n2 (new) likes d.
+    filler = [(f"f{i}{j}", f"x{i}") for i in range(12) for j in range(2)]
+    users = np.array(["r1", "r2", "r2"] + [u for u, _ in filler] + ["n"])
+    items = np.array(["a", "a", "b"] + [x for _, x in filler] + ["d"])
+    labels = np.ones(users.size, np.int64)
+    spans = np.array([1] * (users.size - 1) + [2])
+    fitted = fit_all(users, items, labels, spans, decay=0.25, l2=0.1, max_items=100)
+    assert fitted["newcomer_popularity"].ranked[0] == "d", "d was liked by a newcomer in the newest span"
+    assert fitted["ease"].recommend(["r1"], 1) == {"r1": ["b"]}, "r1 liked a, which goes with b"
+    sample = PositiveSample()
+    sample.add(np.array([b"r1", b"n2"], dtype=object), np.array([b"b", b"d"], dtype=object), np.array([1, 1]))
+    scored = score_span(fitted, sample, set(users.tolist()))
+    assert scored["ease"]["users_all"] == 2 and scored["ease"]["users_new"] == 1
+    assert scored["popularity"]["recall@10_all"] == 0.0, "b and d, liked once each, are not in its top 10"
+    assert scored["ease"]["recall@10_returning"] == 1.0 and scored["ease"]["recall@10_new"] == 0.0
+    hybrid = scored["ease + newcomer_popularity"]
+    assert hybrid["recall@10_new"] == scored["newcomer_popularity"]["recall@10_new"] == 1.0
+    assert hybrid["recall@10_returning"] == 1.0 and hybrid["recall@10_all"] == 1.0

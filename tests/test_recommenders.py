@@ -6,7 +6,7 @@ from math import sqrt
 import numpy as np
 import pytest
 
-from benchmarks.recommenders import CoOccurrence, Popularity, RecentPopularity
+from benchmarks.recommenders import CoOccurrence, Ease, Popularity, RecentPopularity
 
 
 def columns(rows):
@@ -109,3 +109,27 @@ def test_co_occurrence_matches_a_dense_reference(chunk_size):
     expected = reference_co_occurrence(users, items, labels, k=5)
     model = CoOccurrence(chunk_size=chunk_size).fit(users, items, labels)
     assert model.recommend(sorted(set(users)), 5) == expected
+
+
+def test_ease_weights_are_each_items_ridge_regression_on_the_others():
+    users, items, labels = CO_OCCURRENCE_LOG
+    model = Ease(l2=0.5).fit(users, items, labels)
+    x = model.liked.toarray()
+    for j in range(x.shape[1]):
+        others = np.delete(np.arange(x.shape[1]), j)
+        a = x[:, others]
+        expected = np.linalg.solve(a.T @ a + 0.5 * np.eye(others.size), a.T @ x[:, j])
+        np.testing.assert_allclose(model.weights[others, j], expected, atol=1e-9)
+        assert model.weights[j, j] == 0.0, "an item does not recommend itself"
+
+
+def test_ease_recommends_related_unseen_items_and_falls_back_to_popularity():
+    model = Ease(l2=0.5).fit(*CO_OCCURRENCE_LOG)
+    result = model.recommend(["w", "t", "n", "stranger"], 2)
+    assert result["w"][0] == "x", "w liked y, which goes with x"
+    assert result["t"] == ["y", "pop"], "t liked x: y goes with it; x and z were seen; then the most liked"
+    assert result["n"] == ["x", "y"], "n liked nothing: the most liked items n did not see ('pop' was seen)"
+    assert result["stranger"] == ["pop", "x"]
+    assert Ease(max_items=2).fit(*CO_OCCURRENCE_LOG).item_ids.tolist() == ["pop", "x"], "the most liked items"
+    with pytest.raises(ValueError):
+        Ease(l2=0)
