@@ -264,3 +264,24 @@ def test_the_list_baselines_split_new_from_returning_users_and_give_each_hybrid_
     hybrid = scored["ease + newcomer_popularity"]
     assert hybrid["recall@10_new"] == scored["newcomer_popularity"]["recall@10_new"] == 1.0
     assert hybrid["recall@10_returning"] == 1.0 and hybrid["recall@10_all"] == 1.0
+
+
+def test_the_ensemble_ceiling_averages_ranks_of_every_combination_and_finds_the_served_version(tmp_path):
+    from benchmarks.ensemble_ceiling import pooled, served_model
+
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    # Each model gets one pair wrong, a different pair, and they score on different scales.
+    scores = {"a": np.array([0.1, 0.2, 0.9, 0.3, 0.4, 0.8]), "b": np.array([-5.0, 3.0, 9.0, 8.0, -4.0, 2.0])}
+    out = pooled(scores)
+    assert set(out) == {"a", "b", "a + b"}
+    np.testing.assert_array_equal(out["a"], scores["a"])
+    assert auc(labels, out["a + b"]) > max(auc(labels, scores["a"]), auc(labels, scores["b"]))
+    assert len(pooled({"a": scores["a"], "b": scores["b"], "c": scores["a"]})) == 7, "three alone, three pairs, one"
+
+    records = {"1": {"pushed_version": 11, "candidate_model": "m/1"},
+               "2": {"pushed_version": 12, "candidate_model": "m/2", "live_version": 11},
+               "3": {"pushed_version": None, "candidate_model": "m/3", "live_version": 12}}
+    assert served_model(tmp_path, records, 2) == str(tmp_path / "m/1")
+    assert served_model(tmp_path, records, 3) == str(tmp_path / "m/2"), "span 3's candidate was never pushed"
+    with pytest.raises(SystemExit, match="span 4"):
+        served_model(tmp_path, records, 4)
