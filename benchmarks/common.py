@@ -12,6 +12,16 @@ def write_json(path: str, results: dict) -> None:
     print(f"written {path}")
 
 
+def write_report(path: str, results: dict, text: str) -> str:
+    """Prints the Markdown report, writes it beside the JSON at `path`; returns the path without its extension."""
+    print("\n" + text)
+    write_json(path, results)
+    base = os.path.splitext(path)[0]
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    return base
+
+
 def markdown_table(header, rows) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]

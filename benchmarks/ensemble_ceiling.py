@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import markdown_table, quiet_tensorflow, write_json  # noqa: E402
+from benchmarks.common import markdown_table, quiet_tensorflow, write_report  # noqa: E402
 from benchmarks.prequential import DATASETS, mean, span_rows  # noqa: E402
 
 MEMBERS = ("increc", "gbm", "logistic_regression_history")
@@ -130,11 +130,7 @@ def main() -> int:
         print(f"== {name}", flush=True)
         records = earlier["datasets"][name]["modes"]["incremental"]["records"]
         results["datasets"][name] = run_dataset(work, records)
-    text = markdown(results)
-    print("\n" + text)
-    write_json(args.out, results)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text)
+    write_report(args.out, results, markdown(results))
     return 0
 
 

@@ -42,7 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import markdown_table, quiet_tensorflow, write_json  # noqa: E402
+from benchmarks.common import markdown_table, quiet_tensorflow, write_report  # noqa: E402
 
 DATASETS = {
     "movietweetings": {"format": "movietweetings", "input": REPO / "data" / "movietweetings-100k",
@@ -536,12 +536,7 @@ def main() -> int:
                              {n: r["aa_check"]["goals"] for n, r in results["datasets"].items() if r.get("aa_check")})
     for goal in results["goals"]:
         print(f"goal: {goal['goal']}: {goal['value']} (target {goal['target']}) {'met' if goal['met'] else 'NOT MET'}")
-    text = markdown(results)
-    print("\n" + text)
-    write_json(args.out, results)
-    base = os.path.splitext(args.out)[0]
-    with open(base + ".md", "w") as f:
-        f.write(text)
+    base = write_report(args.out, results, markdown(results))
     plot(results, base + ".png")
     print(f"written {base}.md and {base}.png")
     return 0

@@ -30,14 +30,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import markdown_table, write_json  # noqa: E402
+from benchmarks.common import markdown_table, write_report  # noqa: E402
 from benchmarks.prequential import DATASETS, increc, mean  # noqa: E402
 from benchmarks.recommenders import CoOccurrence, Ease, Popularity, RecentPopularity  # noqa: E402
 from components.live_ranking import KS, PositiveSample  # noqa: E402
@@ -173,11 +173,7 @@ def main() -> int:
                    "--spans", str(args.spans), "--label-threshold", str(spec["label_threshold"]), "--overwrite")
             print(f"== {name}", flush=True)
             results["datasets"][name] = run_dataset(data, decay, args.l2, args.max_items)
-    text = markdown(results)
-    print("\n" + text)
-    write_json(args.out, results)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text)
+    write_report(args.out, results, markdown(results))
     return 0
 
 
