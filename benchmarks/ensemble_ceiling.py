@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import markdown_table, quiet_tensorflow, write_report  # noqa: E402
-from benchmarks.prequential import DATASETS, mean, span_rows  # noqa: E402
+from benchmarks.prequential import DATASETS, mean, serving_models, span_rows  # noqa: E402
 
 MEMBERS = ("increc", "gbm", "logistic_regression_history")
 
@@ -57,13 +57,11 @@ def pooled(scores: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 def served_model(work: Path, records: Dict[str, Any], span: int) -> str:
-    """The Trainer output of the version that served span `span` (records' paths are relative to `work`)."""
-    by_version = {r["pushed_version"]: r["candidate_model"] for r in records.values()
-                  if r.get("pushed_version") and r.get("candidate_model")}
-    live = records.get(str(span), {}).get("live_version")
-    if live not in by_version:
+    """The Trainer output of the version that served span `span` (records as the report's JSON keeps them)."""
+    path = serving_models(records, work).get(str(span))
+    if path is None:
         raise SystemExit(f"span {span}: no record of the version that served it in {work}")
-    return str(work / by_version[live])
+    return path
 
 
 def run_dataset(work: Path, records: Dict[str, Any]) -> Dict[str, Any]:

@@ -215,6 +215,18 @@ def frozen_and_peers(work: Path, rows: Dict[int, Dict[str, Any]]) -> Dict[str, D
     return out
 
 
+def positive_sample(users, items, labels):
+    """The DeploymentGuard's sample of a span's positives (components/live_ranking.py) from its rows."""
+    import numpy as np
+
+    from components.live_ranking import PositiveSample
+
+    sample = PositiveSample()
+    sample.add(np.array([u.encode() for u in users], dtype=object), np.array([i.encode() for i in items], dtype=object),
+               np.asarray(labels))
+    return sample
+
+
 def peer_rankings(users, items, labels, row_spans, target: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """Top-K metrics of the popularity, recent popularity (decayed as increc's prior is) and item co-occurrence
     recommenders fit on spans 1..N-1, for the same users and positives the pipeline's DeploymentGuard
@@ -222,13 +234,11 @@ def peer_rankings(users, items, labels, row_spans, target: Dict[str, Any]) -> Di
     import numpy as np
 
     from benchmarks.recommenders import CoOccurrence, Popularity, RecentPopularity
-    from components.live_ranking import KS, PositiveSample
+    from components.live_ranking import KS
     from models.ranking_metrics import ranking_metrics
     from models.training import TrainingSettings
 
-    sample = PositiveSample()
-    sample.add(np.array([u.encode() for u in target["users"]], dtype=object),
-               np.array([i.encode() for i in target["items"]], dtype=object), np.asarray(target["labels"]))
+    sample = positive_sample(target["users"], target["items"], target["labels"])
     wanted = sorted(sample.items)
     fitted = {"popularity": Popularity().fit(users, items, labels),
               "recent_popularity": RecentPopularity(TrainingSettings().popularity_decay).fit(users, items, labels,
@@ -238,17 +248,22 @@ def peer_rankings(users, items, labels, row_spans, target: Dict[str, Any]) -> Di
             for name, model in fitted.items()}
 
 
+def serving_models(records: Dict[Any, Dict[str, Any]], work: Path) -> Dict[Any, str]:
+    """{span: the Trainer output of the version serving when the span arrived}, for the spans a pushed version
+    served (records' paths are relative to `work`; spans keyed as in `records`)."""
+    model_of = {r["pushed_version"]: os.path.join(work, r["candidate_model"]) for r in records.values()
+                if r.get("pushed_version") and r.get("candidate_model")}
+    return {span: model_of[r["live_version"]] for span, r in records.items() if r.get("live_version") in model_of}
+
+
 def served_segments(run: Dict[str, Any], rows: Dict[int, Dict[str, Any]], work: Path) -> Dict[int, Dict[str, Any]]:
     """New- and returning-user AUC on span N of the version that served it (its Trainer output; the
     records' paths are relative to `work`)."""
     from models.export import score_examples
 
-    model_of = {r["pushed_version"]: os.path.join(work, r["candidate_model"]) for r in run["records"].values()
-                if r.get("pushed_version") and r.get("candidate_model")}
     out = {}
-    for span, record in run["records"].items():
-        path = model_of.get(record.get("live_version"))
-        if span in rows and path and os.path.isdir(path):
+    for span, path in serving_models(run["records"], work).items():
+        if span in rows and os.path.isdir(path):
             target = rows[span]
             out[span] = scored(target["labels"], score_examples(path, target["records"]), new_user_mask(rows, span))
     return out

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import markdown_table, write_report  # noqa: E402
-from benchmarks.prequential import DATASETS, increc, mean  # noqa: E402
+from benchmarks.prequential import DATASETS, increc, mean, positive_sample  # noqa: E402
 from benchmarks.recommenders import CoOccurrence, Ease, Popularity, RecentPopularity  # noqa: E402
 from components.live_ranking import KS, PositiveSample  # noqa: E402
 from models.ranking_metrics import ranking_metrics  # noqa: E402
@@ -70,11 +70,11 @@ def fit_all(users: np.ndarray, items: np.ndarray, labels: np.ndarray, spans: np.
     for user, span in zip(users.tolist(), spans.tolist()):
         first_span[user] = min(span, first_span.get(user, span))
     as_newcomer = np.array([first_span[u] == s for u, s in zip(users.tolist(), spans.tolist())])
-    newest = spans.max()
-    newcomer_weights = np.where(as_newcomer, decay ** (newest - spans), 0.0)
+    # Only newcomers' positives count; every row still marks its item as seen by its user.
+    newcomer_labels = np.where(as_newcomer, labels, 0)
     return {"popularity": Popularity().fit(users, items, labels),
             "recent_popularity": RecentPopularity(decay).fit(users, items, labels, spans),
-            "newcomer_popularity": Popularity().fit(users, items, labels, newcomer_weights),
+            "newcomer_popularity": RecentPopularity(decay).fit(users, items, newcomer_labels, spans),
             "cooccurrence": CoOccurrence().fit(users, items, labels),
             "ease": Ease(l2, max_items).fit(users, items, labels)}
 
@@ -110,9 +110,7 @@ def run_dataset(data: Path, decay: float, l2: float, max_items: int) -> Dict[str
         items = np.concatenate([spans[s]["items"] for s in earlier])
         labels = np.concatenate([spans[s]["labels"] for s in earlier])
         row_spans = np.concatenate([np.full(spans[s]["users"].size, s) for s in earlier])
-        sample = PositiveSample()
-        sample.add(np.array([u.encode() for u in spans[n]["users"]], dtype=object),
-                   np.array([i.encode() for i in spans[n]["items"]], dtype=object), spans[n]["labels"])
+        sample = positive_sample(spans[n]["users"], spans[n]["items"], spans[n]["labels"])
         fitted = fit_all(users, items, labels, row_spans, decay, l2, max_items)
         scored = score_span(fitted, sample, set(users.tolist()))
         per_span.append({"span": n, "models": scored})
